@@ -1,0 +1,135 @@
+"""`csm` command line: `csm say`, and the subcommands other modules register (prepare, train, eval, ...)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+# Modules that add subcommands through `add_subcommand(subparsers)`. Missing ones are skipped, so the CLI works
+# while a capability is being built.
+SUBCOMMAND_MODULES = ("csm.train.cli", "csm.evaluate", "csm.bench", "csm.serve.cli")
+
+
+def _say(args: argparse.Namespace) -> int:
+    import torch
+
+    from .frames import Segment
+    from .generate import load_generator
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    gen = load_generator(args.model, device=args.device, codec=_load_codec(args))
+    context = [_context_segment(gen, spec) for spec in args.context or []]
+    t1 = time.perf_counter()
+    speech = gen.generate(
+        args.text,
+        speaker=args.speaker,
+        context=context,
+        max_audio_length_ms=args.max_ms,
+        temperature=args.temperature,
+        topk=args.topk,
+        seed=args.seed,
+    )
+    t2 = time.perf_counter()
+    out = Path(args.output)
+    if speech.audio is not None and out.suffix.lower() != ".npy":
+        from .audio import save_audio
+
+        save_audio(out, speech.audio, speech.sample_rate)
+    else:
+        import numpy as np
+
+        if out.suffix.lower() != ".npy":
+            out = out.with_suffix(".npy")
+            print("no audio codec available: writing Mimi codes instead of audio", file=sys.stderr)
+        np.save(out, speech.codes.numpy())
+    rtf = (t2 - t1) / max(speech.duration_s, 1e-9)
+    print(
+        f"{speech.codes.shape[1]} frames ({speech.duration_s:.2f} s of audio) in {t2 - t1:.2f} s "
+        f"(RTF {rtf:.2f}; load {t1 - t0:.2f} s)",
+        file=sys.stderr,
+    )
+    print(out)
+    return 0
+
+
+def _load_codec(args: argparse.Namespace):
+    if args.codec == "none":
+        return None
+    try:
+        from .mimi import load_codec
+    except ImportError:
+        return None
+    return load_codec(args.codec or args.model, device=args.device)
+
+
+def _context_segment(gen, spec: str):
+    """SPEAKER:TEXT:PATH, where PATH is an audio file (encoded with the codec) or a .npy of Mimi codes."""
+    import numpy as np
+    import torch
+
+    from .frames import Segment
+
+    try:
+        speaker, text, path = spec.split(":", 2)
+        speaker = int(speaker)
+    except ValueError:
+        raise SystemExit(f"--context expects SPEAKER:TEXT:AUDIO_PATH, got {spec!r}") from None
+    if path.endswith(".npy"):
+        audio = torch.from_numpy(np.load(path, allow_pickle=False)).long()
+    else:
+        from .audio import load_audio
+
+        audio = load_audio(path, sample_rate=gen.sample_rate)
+    return Segment(speaker, text, audio)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="csm", description="Conversational Speech Model: speak a line in context.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    say = sub.add_parser("say", help="speak TEXT and write a wav (or Mimi codes as .npy without a codec)")
+    say.add_argument("text")
+    say.add_argument("-o", "--output", default="out.wav", help="output .wav (or .npy for raw codes)")
+    say.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the embedded voice)")
+    say.add_argument("--codec", default=None, help="Mimi weights (directory/hub id); default: from --model; 'none'")
+    say.add_argument("--speaker", type=int, default=0)
+    say.add_argument("--context", action="append", metavar="SPEAKER:TEXT:AUDIO", help="earlier turn (repeatable)")
+    say.add_argument("--max-ms", type=float, default=10_000, help="generation budget in milliseconds")
+    say.add_argument("--temperature", type=float, default=0.9)
+    say.add_argument("--topk", type=int, default=50)
+    say.add_argument("--seed", type=int, default=None)
+    say.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    say.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    say.set_defaults(func=_say)
+
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and name.startswith(e.name):  # the module itself is absent: capability not built yet
+                continue
+            raise
+        module.add_subcommand(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "model", "") is None and args.command == "say":
+        from .assets import default_model
+
+        args.model = default_model()
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError) as e:
+        print(f"csm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

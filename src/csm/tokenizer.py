@@ -1,0 +1,81 @@
+"""Text tokenizer: a `tokenizer.json` (Llama-3's for CSM-1B) read with the `tokenizers` library.
+
+Every text segment is wrapped in bos/eos ourselves rather than by the file's post-processor: Llama-3.2's own
+tokenizer.json adds only bos, and Sesame's generator adds both, so doing it here makes the result independent of
+which tokenizer.json was shipped.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer
+
+from .hub import ModelFilesNotFound, find_files
+
+BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+# CSM-1B's checkpoints do not always ship a tokenizer; Sesame's generator uses this one.
+DEFAULT_TOKENIZER_REPO = "meta-llama/Llama-3.2-1B"
+
+
+class TextTokenizer:
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        bos, eos = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
+        if bos is None or eos is None:
+            raise ValueError(f"tokenizer has no {BOS} / {EOS} special tokens; is it a Llama-3 style tokenizer?")
+        self.bos_id, self.eos_id = bos, eos
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "TextTokenizer":
+        return cls(Tokenizer.from_file(str(path)))
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike, fallback: str | None = DEFAULT_TOKENIZER_REPO) -> "TextTokenizer":
+        """tokenizer.json from a model directory / hub id, else from `fallback` (the Llama-3.2 tokenizer)."""
+        try:
+            return cls.from_file(find_files(source, ["tokenizer.json"]))
+        except ModelFilesNotFound as first:
+            if fallback is None or str(fallback) == str(source):
+                raise
+            try:
+                return cls.from_file(find_files(fallback, ["tokenizer.json"]))
+            except ModelFilesNotFound as second:
+                raise ModelFilesNotFound(f"no tokenizer.json: {first}; fallback {fallback}: {second}") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` wrapped in bos ... eos."""
+        return [self.bos_id, *self.tokenizer.encode(text, add_special_tokens=False).ids, self.eos_id]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def save(self, path: str | os.PathLike) -> None:
+        self.tokenizer.save(str(path))
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> TextTokenizer:
+    """A small byte-level BPE with Llama-3's bos/eos names, for tiny models trained from scratch."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return TextTokenizer(tok)
+
+
+def tokenizer_path(directory: str | os.PathLike) -> Path:
+    return Path(directory) / "tokenizer.json"

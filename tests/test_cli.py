@@ -1,0 +1,44 @@
+"""The documented commands, run as a user would: the tiny-checkpoint script, then `csm say`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, check=True):
+    return subprocess.run(args, capture_output=True, text=True, check=check, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    run(sys.executable, "scripts/make_tiny_checkpoint.py", str(out), "--seed", "1")
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    return out
+
+
+def test_help_lists_say():
+    assert "say" in run(sys.executable, "-m", "csm.cli", "--help").stdout
+
+
+def test_say_end_to_end(tiny_ckpt, tmp_path):
+    out = tmp_path / "hello.npy"
+    res = run(sys.executable, "-m", "csm.cli", "say", "Hello there.", "--model", str(tiny_ckpt), "-o", str(out),
+              "--max-ms", "400", "--seed", "3", "--codec", "none")
+    assert res.stdout.strip() == str(out)
+    codes = np.load(out)
+    assert codes.shape[0] == 32 and 0 < codes.shape[1] <= 5 and codes.dtype == np.int64
+    assert "frames" in res.stderr and "RTF" in res.stderr
+
+
+def test_say_reports_bad_model_path(tmp_path):
+    res = run(sys.executable, "-m", "csm.cli", "say", "Hi", "--model", str(tmp_path / "missing"), "--codec", "none",
+              check=False)
+    assert res.returncode == 2 and "does not exist" in res.stderr

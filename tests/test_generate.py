@@ -1,0 +1,116 @@
+"""Generator behaviour: sampling, stopping, budgets and input errors (on a tiny random model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from csm.config import get_config
+from csm.frames import Segment, audio_frames, text_frames
+from csm.generate import ContextTooLongError, Generator, sample_topk
+from csm.model import CSM
+from csm.tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(["hello there, how are you?", "fine thanks, and you?"] * 5, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def gen(tokenizer):
+    torch.manual_seed(0)
+    return Generator(CSM(get_config("tiny")), tokenizer)
+
+
+def test_text_frames_follow_the_reference_format(tokenizer):
+    tokens, mask = text_frames(tokenizer, "hi", 3, 32)
+    ids = tokenizer.encode("[3]hi")
+    assert ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.eos_id
+    assert tokens[:, -1].tolist() == ids and mask[:, -1].all() and not mask[:, :-1].any()
+    assert not tokens[:, :-1].any()
+
+
+def test_audio_frames_end_with_zero_eos_frame():
+    codes = torch.randint(1, 2048, (32, 5))
+    tokens, mask = audio_frames(codes)
+    assert tokens.shape == (6, 33) and torch.equal(tokens[:5, :32], codes.T)
+    assert not tokens[5].any() and mask[:, :32].all() and not mask[:, 32].any()
+
+
+def test_sample_topk_greedy_and_support():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    assert sample_topk(logits, 1, 0.9).item() == 1
+    assert sample_topk(logits, 50, 0.0).item() == 1
+    g = torch.Generator().manual_seed(0)
+    draws = {sample_topk(logits, 2, 1.0, g).item() for _ in range(200)}
+    assert draws == {1, 3}  # only the top two ids, both reachable
+    # temperature sharpens: at T=0.05 the best id wins (almost) always
+    assert all(sample_topk(logits, 4, 0.05, g).item() == 1 for _ in range(50))
+
+
+def test_seeded_generation_is_reproducible(gen):
+    a = gen.generate("hello there", 0, max_audio_length_ms=800, seed=7).codes
+    b = gen.generate("hello there", 0, max_audio_length_ms=800, seed=7).codes
+    c = gen.generate("hello there", 0, max_audio_length_ms=800, seed=8).codes
+    assert a.shape == (32, 10) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_stops_at_all_zero_frame(tokenizer):
+    torch.manual_seed(0)
+    model = CSM(get_config("tiny"))
+    with torch.no_grad():  # zero heads: every logit ties, argmax picks id 0 -> the EOS frame at once
+        model.codebook0_head.weight.zero_()
+        model.audio_head.zero_()
+    speech = Generator(model, tokenizer).generate("hello", 0, max_audio_length_ms=2000, topk=1)
+    assert speech.codes.shape == (32, 0) and speech.audio is None
+
+
+def test_stops_when_frame_is_zero_midway(gen, monkeypatch):
+    calls = []
+    real = Generator._frame
+
+    def fake(self, *a, **k):
+        frame = real(self, *a, **k)
+        calls.append(1)
+        return frame * 0 if len(calls) == 4 else frame
+
+    monkeypatch.setattr(Generator, "_frame", fake)
+    assert gen.generate("hello", 0, max_audio_length_ms=2000, seed=0).codes.shape == (32, 3)
+
+
+def test_context_too_long_names_the_overflow(gen):
+    ctx = [Segment(1, "fine thanks", torch.randint(0, 2048, (32, 400)))]
+    n_prompt = 401 + len(gen.tokenizer.encode("[1]fine thanks")) + len(gen.tokenizer.encode("[0]hello"))
+    over = n_prompt + 125 - 512
+    with pytest.raises(ContextTooLongError, match=rf"needs {n_prompt + 125} positions, {over} over the model's 512"):
+        gen.generate("hello", 0, context=ctx, max_audio_length_ms=10_000)
+    # the same context fits with a smaller budget
+    assert gen.generate("hello", 0, context=ctx, max_audio_length_ms=160, seed=0).codes.shape[1] <= 2
+
+
+@pytest.mark.parametrize("text", ["", "   "])
+def test_empty_text_is_rejected(gen, text):
+    with pytest.raises(ValueError, match="empty"):
+        gen.generate(text)
+
+
+def test_bad_speaker_and_context_are_rejected(gen):
+    with pytest.raises(ValueError, match="speaker"):
+        gen.generate("hi", speaker=-1)
+    with pytest.raises(ValueError, match="codebooks"):
+        gen.generate("hi", context=[Segment(0, "x", torch.zeros(8, 3, dtype=torch.long))])
+    with pytest.raises(ValueError, match="no audio codec"):
+        gen.generate("hi", context=[Segment(0, "x", torch.zeros(24000))])
+
+
+def test_huge_text_is_rejected(gen):
+    with pytest.raises(ContextTooLongError):
+        gen.generate("hello there " * 400)
+
+
+def test_context_changes_the_output(gen):
+    ctx = [Segment(1, "fine thanks", torch.randint(0, 2048, (32, 6), generator=torch.Generator().manual_seed(1)))]
+    a = gen.generate("hello", 0, max_audio_length_ms=400, topk=1).codes
+    b = gen.generate("hello", 0, context=ctx, max_audio_length_ms=400, topk=1).codes
+    assert not torch.equal(a, b)
