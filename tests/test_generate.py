@@ -43,10 +43,19 @@ def test_sample_topk_greedy_and_support():
     assert sample_topk(logits, 1, 0.9).item() == 1
     assert sample_topk(logits, 50, 0.0).item() == 1
     g = torch.Generator().manual_seed(0)
-    draws = {sample_topk(logits, 2, 1.0, g).item() for _ in range(200)}
-    assert draws == {1, 3}  # only the top two ids, both reachable
+
+    def noise():
+        return torch.empty(1, 4).exponential_(1, generator=g)
+
+    draws = [sample_topk(logits, 2, 1.0, noise()).item() for _ in range(2000)]
+    assert set(draws) == {1, 3}  # only the top two ids, both reachable
+    # ... in the softmax proportions: p(1) = e^3 / (e^3 + e^2) = 0.731
+    assert abs(draws.count(1) / len(draws) - 0.731) < 0.04
+    # per-row tensors give the same draw as scalars for the same noise
+    n = noise()
+    assert sample_topk(logits, torch.tensor([[2]]), torch.tensor([[1.0]]), n).item() == sample_topk(logits, 2, 1.0, n).item()
     # temperature sharpens: at T=0.05 the best id wins (almost) always
-    assert all(sample_topk(logits, 4, 0.05, g).item() == 1 for _ in range(50))
+    assert all(sample_topk(logits, 4, 0.05, noise()).item() == 1 for _ in range(50))
 
 
 def test_seeded_generation_is_reproducible(gen):
@@ -66,16 +75,20 @@ def test_stops_at_all_zero_frame(tokenizer):
     assert speech.codes.shape == (32, 0) and speech.audio is None
 
 
-def test_stops_when_frame_is_zero_midway(gen, monkeypatch):
+def test_stops_when_frame_is_zero_midway(tokenizer, monkeypatch):
+    from csm.generate import _FrameStep
+
     calls = []
-    real = Generator._frame
+    real = _FrameStep.forward
 
     def fake(self, *a, **k):
         frame = real(self, *a, **k)
         calls.append(1)
-        return frame * 0 if len(calls) == 4 else frame
+        return frame * 0 if len(calls) == 3 else frame  # the 4th frame (3rd fed-back step) is EOS
 
-    monkeypatch.setattr(Generator, "_frame", fake)
+    monkeypatch.setattr(_FrameStep, "forward", fake)
+    torch.manual_seed(0)
+    gen = Generator(CSM(get_config("tiny")), tokenizer)
     assert gen.generate("hello", 0, max_audio_length_ms=2000, seed=0).codes.shape == (32, 3)
 
 

@@ -1,17 +1,24 @@
-"""Sampling and the generation loop.
+"""Sampling and the generation engine.
 
 Per 80 ms frame: one cached backbone step predicts codebook 0, then the decoder runs 31 short cached steps inside
 the frame (its cache is simply overwritten from position 0 every frame), and the finished frame is fed back to the
-backbone. Generation stops at an all-zero frame (end of utterance) or at the length budget.
+backbone. A request stops at an all-zero frame (end of utterance) or at its length budget.
+
+The engine is batched: several requests (different prompts, lengths, sampling settings and seeds) run in one
+forward. Prompts are right-padded for the prefill; padding lands in cache slots past each row's prompt, which that
+row overwrites before its attention mask ever reaches them. The per-frame step has static shapes (full-length
+cache, positions and sampling noise as tensors), so it can be compiled or captured as a CUDA graph
+(`compile=True`, the default on GPU) and its sampling needs no host synchronisation.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
+import torch.nn as nn
 
 from .frames import Segment, conversation_frames, text_frames
 from .model import CSM, causal_mask
@@ -21,13 +28,15 @@ FRAME_MS = 80  # Mimi: 12.5 frames per second
 
 
 class Codec(Protocol):
-    """What the generator needs from an audio codec (csm.mimi provides it)."""
+    """What the generator needs from an audio codec (csm.mimi.Mimi provides it)."""
 
     sample_rate: int
 
     def encode(self, wav: torch.Tensor) -> torch.Tensor: ...  # [B, 1, T] float -> [B, K, F] long
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor: ...  # [B, K, F] long -> [B, 1, T] float
+
+    def decode_stream(self, batch_size: int = 1): ...  # object with .decode(codes [B, K, n]) -> [B, 1, n * hop]
 
 
 class ContextTooLongError(ValueError):
@@ -36,24 +45,42 @@ class ContextTooLongError(ValueError):
 
 def sample_topk(
     logits: torch.Tensor,
-    topk: int,
-    temperature: float,
-    generator: torch.Generator | None = None,
+    topk: torch.Tensor | int,
+    temperature: torch.Tensor | float,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sample one id per row of logits [B, V] -> [B, 1] from the top-k after temperature scaling.
+    """The one sampling function: one id per row of logits [B, V] -> [B, 1].
 
-    temperature <= 0 or topk == 1 is greedy (argmax). Sampling uses the exponential-race trick
-    (argmax of p / Exp(1) noise), which is a draw from p without a host synchronisation.
+    Temperature scaling, then only the top-k ids stay (per-row `topk` [B, 1] allowed), then a draw. The draw is an
+    exponential race: argmax(p / E) with E ~ Exp(1) picks id i with probability p_i, and because the noise E [B, V]
+    is an input, a seeded run is reproducible and nothing synchronises with the host. topk == 1 is greedy.
     """
-    if temperature <= 0 or topk == 1:
+    if isinstance(topk, int) and (topk == 1 or (isinstance(temperature, float) and temperature <= 0)):
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if 0 < topk < logits.shape[-1]:
-        kth = torch.topk(logits, topk, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    noise = torch.empty_like(probs).exponential_(1, generator=generator)
-    return (probs / noise).argmax(dim=-1, keepdim=True)
+    logits = logits.float() / (temperature if isinstance(temperature, float) else temperature.float())
+    if isinstance(topk, int):
+        kth = torch.topk(logits, min(topk, logits.shape[-1]), dim=-1).values[..., -1:]
+    else:
+        kth = torch.sort(logits, dim=-1, descending=True).values.gather(-1, topk - 1)
+    probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
+    if noise is None:
+        noise = torch.empty_like(probs).exponential_(1)
+    drawn = (probs / noise).argmax(dim=-1, keepdim=True)
+    if isinstance(topk, int):
+        return drawn
+    # Greedy rows take the plain argmax, so ties resolve as in the reference (first index), not by noise.
+    return torch.where(topk == 1, logits.argmax(dim=-1, keepdim=True), drawn)
+
+
+@dataclass
+class Request:
+    text: str
+    speaker: int = 0
+    context: Sequence[Segment] = ()
+    max_audio_length_ms: float = 10_000
+    temperature: float = 0.9
+    topk: int = 50
+    seed: int | None = None
 
 
 @dataclass
@@ -67,14 +94,54 @@ class Speech:
         return self.codes.shape[1] * FRAME_MS / 1000
 
 
+class _FrameStep(nn.Module):
+    """Hidden state -> one sampled frame, and (frame in -> backbone step -> frame out). Static shapes only, so the
+    whole per-frame work can be compiled / captured once per batch size."""
+
+    def __init__(self, model: CSM, backbone_cache: nn.ModuleList, decoder_cache: nn.ModuleList) -> None:
+        super().__init__()
+        self.model, self.backbone_cache, self.decoder_cache = model, backbone_cache, decoder_cache
+
+    def frame_from_hidden(self, h, noise, temperature, topk):
+        """h [B, dim] (the backbone's last hidden state) -> codes [B, K]: codebook 0 from the backbone head,
+        then the decoder fills codebooks 1..K-1 one by one."""
+        m = self.model
+        code = sample_topk(m.codebook0_head(h), topk, temperature, noise[:, 0])
+        codes = [code]
+        x = torch.cat([h[:, None], m.embed_audio(0, code)], dim=1)  # decoder positions 0 (h) and 1 (c0)
+        pos = torch.arange(2, device=h.device).expand(h.shape[0], 2)
+        for i in range(1, m.cfg.audio_num_codebooks):
+            out = m.decoder(m.projection(x), pos, causal_mask(pos, i + 1), self.decoder_cache)
+            code = sample_topk(m.decoder_head(i, out[:, -1]), topk, temperature, noise[:, i])
+            codes.append(code)
+            x, pos = m.embed_audio(i, code), pos[:, -1:] + 1
+        return torch.cat(codes, dim=1)
+
+    def forward(self, frame, input_pos, kv_len: int, noise, temperature, topk):
+        """Feed the previous frames [B, K] at input_pos [B, 1]; return the next frames [B, K]."""
+        k = self.model.cfg.audio_num_codebooks
+        tokens = torch.cat([frame, torch.zeros_like(frame[:, :1])], dim=1)[:, None]
+        mask = torch.ones_like(tokens, dtype=torch.bool)
+        mask[..., k] = False  # audio-only frame
+        h, _ = self.model.backbone_forward(tokens, mask, input_pos, causal_mask(input_pos, kv_len), self.backbone_cache)
+        return self.frame_from_hidden(h[:, -1], noise, temperature, topk)
+
+
 class Generator:
-    def __init__(self, model: CSM, tokenizer: TextTokenizer, codec: Codec | None = None) -> None:
+    """Speaks lines in context with a CSM model (+ tokenizer, + optional audio codec).
+
+    compile: None = on for CUDA, off on CPU (where it does not pay); True compiles the per-frame step with
+    torch.compile(mode="reduce-overhead"), which on CUDA captures it as a CUDA graph.
+    """
+
+    def __init__(self, model: CSM, tokenizer: TextTokenizer, codec: Codec | None = None, *, compile: bool | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.codec = codec
         self.num_codebooks = model.cfg.audio_num_codebooks
         self.sample_rate = codec.sample_rate if codec is not None else 24_000
-        self._caches: tuple[torch.nn.ModuleList, torch.nn.ModuleList] | None = None
+        self.compile = self.device.type == "cuda" if compile is None else compile
+        self._steps: dict[int, tuple[_FrameStep, Callable, Callable]] = {}
 
     @property
     def device(self) -> torch.device:
@@ -82,13 +149,17 @@ class Generator:
 
     # --- inputs -----------------------------------------------------------------------------------------
     def encode_audio(self, wav: torch.Tensor) -> torch.Tensor:
-        """A 24 kHz mono waveform [T] -> Mimi codes [K, F]."""
+        """A mono waveform [T] at the codec's sample rate -> Mimi codes [K, F]."""
         if self.codec is None:
             raise ValueError("this generator has no audio codec: give context audio as Mimi codes [K, F]")
-        codes = self.codec.encode(wav.to(self.device, torch.float32).reshape(1, 1, -1))[0]
-        return codes[: self.num_codebooks]
+        with torch.inference_mode():
+            codes = self.codec.encode(wav.to(self.device, torch.float32).reshape(1, 1, -1))[0]
+        if codes.shape[0] < self.num_codebooks:
+            raise ValueError(f"the codec gives {codes.shape[0]} codebooks, the model needs {self.num_codebooks}")
+        return codes[: self.num_codebooks].cpu()
 
     def prompt_frames(self, text: str, speaker: int, context: Sequence[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frames the backbone reads before speaking: every context segment, then the line's text."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError("text to speak is empty")
         if not isinstance(speaker, int) or speaker < 0:
@@ -103,82 +174,97 @@ class Generator:
         tokens, mask = text_frames(self.tokenizer, text, speaker, self.num_codebooks)
         return torch.cat([ctx_tokens, tokens]), torch.cat([ctx_mask, mask])
 
-    # --- the loop ---------------------------------------------------------------------------------------
-    def _get_caches(self, batch_size: int) -> tuple[torch.nn.ModuleList, torch.nn.ModuleList]:
-        """Backbone and decoder KV caches, allocated once per batch size and reused across calls."""
-        if self._caches is None or self._caches[0][0].k.shape[0] != batch_size:
-            self._caches = (self.model.backbone.new_cache(batch_size), self.model.decoder.new_cache(batch_size))
-        return self._caches
-
-    def _frame(
-        self,
-        tokens: torch.Tensor,
-        mask: torch.Tensor,
-        input_pos: torch.Tensor,
-        kv_len: int,
-        temperature: float,
-        topk: int,
-        rng: torch.Generator | None,
-        caches: tuple[torch.nn.ModuleList, torch.nn.ModuleList],
-    ) -> torch.Tensor:
-        """One frame for each batch row: backbone step + K-1 decoder steps -> codes [B, K]."""
-        m = self.model
-        h, _ = m.backbone_forward(tokens, mask, input_pos, causal_mask(input_pos, kv_len), caches[0])
-        last = h[:, -1]
-        code = sample_topk(m.codebook0_head(last), topk, temperature, rng)
-        codes = [code]
-        x = torch.cat([last[:, None], m.embed_audio(0, code)], dim=1)  # decoder positions 0 (h) and 1 (c0)
-        pos = torch.arange(2, device=x.device).expand(x.shape[0], 2)
-        for i in range(1, self.num_codebooks):
-            out = m.decoder(m.projection(x), pos, causal_mask(pos, i + 1), caches[1])
-            code = sample_topk(m.decoder_head(i, out[:, -1]), topk, temperature, rng)
-            codes.append(code)
-            x, pos = m.embed_audio(i, code), pos[:, -1:] + 1
-        return torch.cat(codes, dim=1)
-
-    @torch.inference_mode()
-    def iter_frames(
-        self,
-        text: str,
-        speaker: int,
-        context: Sequence[Segment] = (),
-        max_audio_length_ms: float = 10_000,
-        temperature: float = 0.9,
-        topk: int = 50,
-        seed: int | None = None,
-    ) -> Iterator[torch.Tensor]:
-        """Yield the generated frames ([K] codes each) as they are produced; stops before the EOS frame."""
-        tokens, mask = self.prompt_frames(text, speaker, context)
-        max_frames = int(max_audio_length_ms // FRAME_MS)
+    def _check_budget(self, prompt_len: int, req: Request) -> int:
+        max_frames = int(req.max_audio_length_ms // FRAME_MS)
         if max_frames < 1:
-            raise ValueError(f"max_audio_length_ms={max_audio_length_ms} is shorter than one {FRAME_MS} ms frame")
+            raise ValueError(f"max_audio_length_ms={req.max_audio_length_ms} is shorter than one {FRAME_MS} ms frame")
         limit = self.model.cfg.backbone.max_seq_len
-        need = tokens.shape[0] + max_frames
+        need = prompt_len + max_frames
         if need > limit:
             raise ContextTooLongError(
-                f"prompt ({tokens.shape[0]} frames of context and text) + generation budget ({max_frames} frames = "
-                f"{max_audio_length_ms:g} ms) needs {need} positions, {need - limit} over the model's {limit}; "
+                f"prompt ({prompt_len} frames of context and text) + generation budget ({max_frames} frames = "
+                f"{req.max_audio_length_ms:g} ms) needs {need} positions, {need - limit} over the model's {limit}; "
                 "shorten the context or max_audio_length_ms"
             )
-        rng = None
-        if seed is not None:
-            rng = torch.Generator(device=self.device).manual_seed(seed)
-        caches = self._get_caches(1)
-        dev = self.device
-        tokens, mask = tokens[None].to(dev), mask[None].to(dev)
-        input_pos = torch.arange(tokens.shape[1], device=dev)[None]
-        zero_text = torch.zeros(1, 1, 1, dtype=torch.long, device=dev)
-        frame_mask = torch.ones(1, 1, self.num_codebooks + 1, dtype=torch.bool, device=dev)
-        frame_mask[..., -1] = False
-        kv_len = tokens.shape[1]
-        for _ in range(max_frames):
-            frame = self._frame(tokens, mask, input_pos, kv_len, temperature, topk, rng, caches)
-            if not frame.any():  # all-zero frame: end of utterance
+        return max_frames
+
+    # --- the engine -------------------------------------------------------------------------------------
+    def _step_fns(self, batch_size: int) -> tuple[_FrameStep, Callable, Callable]:
+        """Per batch size: caches + the frame functions, compiled when asked (compiled once, reused)."""
+        if batch_size not in self._steps:
+            m = self.model
+            step = _FrameStep(m, m.backbone.new_cache(batch_size), m.decoder.new_cache(batch_size))
+            first, nxt = step.frame_from_hidden, step.forward
+            if self.compile:
+                first = torch.compile(first, mode="reduce-overhead", fullgraph=True, dynamic=False)
+                nxt = torch.compile(nxt, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            self._steps = {batch_size: (step, first, nxt)}  # keep one batch size's caches alive at a time
+        return self._steps[batch_size]
+
+    @torch.inference_mode()
+    def iter_frames(self, requests: Sequence[Request]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Run requests together; yield (frames [B, K], active [B] bool) per step until every row has stopped.
+
+        A row is inactive once it produced its all-zero EOS frame or used its budget; its frames are then junk.
+        """
+        if not requests:
+            raise ValueError("no requests")
+        prompts = [self.prompt_frames(r.text, r.speaker, r.context) for r in requests]
+        budgets = [self._check_budget(len(p[0]), r) for p, r in zip(prompts, requests)]
+        b, dev, k = len(requests), self.device, self.num_codebooks
+        vocab = self.model.cfg.audio_vocab_size
+        # Greedy rows (temperature <= 0) become top-1; temperature then only needs to be positive.
+        topk = torch.tensor([[1 if r.temperature <= 0 else max(1, r.topk)] for r in requests], device=dev)
+        temperature = torch.tensor([[r.temperature if r.temperature > 0 else 1.0] for r in requests], device=dev)
+        rngs = [torch.Generator(device=dev) for _ in requests]
+        for g, r in zip(rngs, requests):
+            g.manual_seed(r.seed) if r.seed is not None else g.seed()
+
+        def noise() -> torch.Tensor:  # one row per request from its own generator: seeds stay per request
+            return torch.stack([torch.empty(k, vocab, device=dev).exponential_(1, generator=g) for g in rngs])
+
+        step, first_frame, next_frame = self._step_fns(b)
+        lengths = [len(p[0]) for p in prompts]
+        s = max(lengths)
+        tokens = torch.zeros(b, s, k + 1, dtype=torch.long)
+        mask = torch.zeros(b, s, k + 1, dtype=torch.bool)
+        for i, (t, m) in enumerate(prompts):
+            tokens[i, : len(t)], mask[i, : len(t)] = t, m
+        tokens, mask = tokens.to(dev), mask.to(dev)
+        input_pos = torch.arange(s, device=dev).expand(b, s)
+        h, _ = self.model.backbone_forward(tokens, mask, input_pos, causal_mask(input_pos, s), step.backbone_cache)
+        last = h[torch.arange(b, device=dev), torch.tensor(lengths, device=dev) - 1]
+        frame = first_frame(last, noise(), temperature, topk)
+
+        pos = torch.tensor(lengths, device=dev)[:, None]  # where each row's newest frame goes
+        active = torch.ones(b, dtype=torch.bool, device=dev)
+        remaining = torch.tensor(budgets, device=dev)
+        # Eager CPU attends only to the filled cache prefix; compiled steps keep the full static length.
+        full = self.model.cfg.backbone.max_seq_len
+        for t in range(max(budgets)):
+            active &= frame.any(dim=1) & (remaining > 0)
+            if not bool(active.any()):  # the caller reads every frame anyway, so this sync costs nothing extra
                 return
-            yield frame[0]
-            tokens, mask = torch.cat([frame[:, None], zero_text], dim=-1), frame_mask
-            input_pos = input_pos[:, -1:] + 1
-            kv_len += 1
+            yield frame, active.clone()
+            remaining -= 1
+            if t + 1 == max(budgets):
+                return
+            kv_len = full if self.compile else s + t + 1
+            frame = next_frame(frame.clone(), pos.clone(), kv_len, noise(), temperature, topk)
+            pos += 1
+
+    def generate_batch(self, requests: Sequence[Request]) -> list[Speech]:
+        """Generate several requests in one batch; each stops on its own EOS or budget."""
+        per_row: list[list[torch.Tensor]] = [[] for _ in requests]
+        for frames, active in self.iter_frames(requests):
+            frames, active = frames.cpu(), active.cpu()
+            for i in active.nonzero()[:, 0].tolist():
+                per_row[i].append(frames[i])
+        out = []
+        for rows in per_row:
+            codes = torch.stack(rows, dim=1) if rows else torch.zeros(self.num_codebooks, 0, dtype=torch.long)
+            out.append(Speech(codes=codes, audio=self._decode(codes), sample_rate=self.sample_rate))
+        return out
 
     def generate(
         self,
@@ -190,13 +276,36 @@ class Generator:
         topk: int = 50,
         seed: int | None = None,
     ) -> Speech:
-        frames = list(self.iter_frames(text, speaker, context, max_audio_length_ms, temperature, topk, seed))
-        codes = torch.stack(frames, dim=1) if frames else torch.zeros(self.num_codebooks, 0, dtype=torch.long)
-        audio = None
-        if self.codec is not None and codes.shape[1]:
-            with torch.inference_mode():
-                audio = self.codec.decode(codes[None].to(self.device))[0, 0].float().cpu()
-        return Speech(codes=codes.cpu(), audio=audio, sample_rate=self.sample_rate)
+        return self.generate_batch([Request(text, speaker, context, max_audio_length_ms, temperature, topk, seed)])[0]
+
+    def stream(self, request: Request, chunk_frames: int = 4) -> Iterator[torch.Tensor]:
+        """Yield audio chunks [T] (float, codec sample rate) as frames are produced: every `chunk_frames` frames,
+        decoded by the codec's streaming decoder, so the concatenation equals the one-shot decode."""
+        if self.codec is None:
+            raise ValueError("streaming audio needs a codec")
+        if chunk_frames < 1:
+            raise ValueError("chunk_frames must be at least 1")
+        decoder = self.codec.decode_stream(1)
+        pending: list[torch.Tensor] = []
+        for frames, active in self.iter_frames([request]):
+            if not bool(active[0]):
+                break
+            pending.append(frames[0])
+            if len(pending) == chunk_frames:
+                yield self._stream_chunk(decoder, pending)
+                pending = []
+        if pending:
+            yield self._stream_chunk(decoder, pending)
+
+    def _stream_chunk(self, decoder, frames: list[torch.Tensor]) -> torch.Tensor:
+        with torch.inference_mode():
+            return decoder.decode(torch.stack(frames, dim=1)[None])[0, 0].float().cpu()
+
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor | None:
+        if self.codec is None or codes.shape[1] == 0:
+            return None
+        with torch.inference_mode():
+            return self.codec.decode(codes[None].to(self.device))[0, 0].float().cpu()
 
 
 def load_generator(
@@ -205,6 +314,7 @@ def load_generator(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     codec: Codec | None = None,
+    compile: bool | None = None,
 ) -> Generator:
     """Model + tokenizer from a checkpoint directory or hub id (any layout, see checkpoints.py)."""
     from .checkpoints import load_checkpoint
@@ -212,4 +322,4 @@ def load_generator(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = load_checkpoint(source, device=device, dtype=dtype)
     tokenizer = TextTokenizer.from_pretrained(source)
-    return Generator(model, tokenizer, codec)
+    return Generator(model, tokenizer, codec, compile=compile)
