@@ -48,12 +48,14 @@ def sample_topk(
     topk: torch.Tensor | int,
     temperature: torch.Tensor | float,
     noise: torch.Tensor | None = None,
+    max_topk: int | None = None,
 ) -> torch.Tensor:
     """The one sampling function: one id per row of logits [B, V] -> [B, 1].
 
-    Temperature scaling, then only the top-k ids stay (per-row `topk` [B, 1] allowed), then a draw. The draw is an
-    exponential race: argmax(p / E) with E ~ Exp(1) picks id i with probability p_i, and because the noise E [B, V]
-    is an input, a seeded run is reproducible and nothing synchronises with the host. topk == 1 is greedy.
+    Temperature scaling, then only the top-k ids stay (per-row `topk` [B, 1] allowed, then `max_topk` bounds it so
+    a partial top-k replaces a full sort), then a draw. The draw is an exponential race: argmax(p / E) with
+    E ~ Exp(1) picks id i with probability p_i, and because the noise E [B, V] is an input, a seeded run is
+    reproducible and nothing synchronises with the host. topk == 1 is greedy.
     """
     if isinstance(topk, int) and (topk == 1 or (isinstance(temperature, float) and temperature <= 0)):
         return logits.argmax(dim=-1, keepdim=True)
@@ -61,7 +63,8 @@ def sample_topk(
     if isinstance(topk, int):
         kth = torch.topk(logits, min(topk, logits.shape[-1]), dim=-1).values[..., -1:]
     else:
-        kth = torch.sort(logits, dim=-1, descending=True).values.gather(-1, topk - 1)
+        top = min(max_topk or logits.shape[-1], logits.shape[-1])
+        kth = torch.topk(logits, top, dim=-1).values.gather(-1, (topk - 1).clamp(max=top - 1))
     probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
     if noise is None:
         noise = torch.empty_like(probs).exponential_(1)
@@ -102,29 +105,29 @@ class _FrameStep(nn.Module):
         super().__init__()
         self.model, self.backbone_cache, self.decoder_cache = model, backbone_cache, decoder_cache
 
-    def frame_from_hidden(self, h, noise, temperature, topk):
+    def frame_from_hidden(self, h, noise, temperature, topk, max_topk: int):
         """h [B, dim] (the backbone's last hidden state) -> codes [B, K]: codebook 0 from the backbone head,
         then the decoder fills codebooks 1..K-1 one by one."""
         m = self.model
-        code = sample_topk(m.codebook0_head(h), topk, temperature, noise[:, 0])
+        code = sample_topk(m.codebook0_head(h), topk, temperature, noise[:, 0], max_topk)
         codes = [code]
         x = torch.cat([h[:, None], m.embed_audio(0, code)], dim=1)  # decoder positions 0 (h) and 1 (c0)
         pos = torch.arange(2, device=h.device).expand(h.shape[0], 2)
         for i in range(1, m.cfg.audio_num_codebooks):
             out = m.decoder(m.projection(x), pos, causal_mask(pos, i + 1), self.decoder_cache)
-            code = sample_topk(m.decoder_head(i, out[:, -1]), topk, temperature, noise[:, i])
+            code = sample_topk(m.decoder_head(i, out[:, -1]), topk, temperature, noise[:, i], max_topk)
             codes.append(code)
             x, pos = m.embed_audio(i, code), pos[:, -1:] + 1
         return torch.cat(codes, dim=1)
 
-    def forward(self, frame, input_pos, kv_len: int, noise, temperature, topk):
+    def forward(self, frame, input_pos, kv_len: int, noise, temperature, topk, max_topk: int):
         """Feed the previous frames [B, K] at input_pos [B, 1]; return the next frames [B, K]."""
         k = self.model.cfg.audio_num_codebooks
         tokens = torch.cat([frame, torch.zeros_like(frame[:, :1])], dim=1)[:, None]
         mask = torch.ones_like(tokens, dtype=torch.bool)
         mask[..., k] = False  # audio-only frame
         h, _ = self.model.backbone_forward(tokens, mask, input_pos, causal_mask(input_pos, kv_len), self.backbone_cache)
-        return self.frame_from_hidden(h[:, -1], noise, temperature, topk)
+        return self.frame_from_hidden(h[:, -1], noise, temperature, topk, max_topk)
 
 
 class Generator:
@@ -216,6 +219,7 @@ class Generator:
         # Greedy rows (temperature <= 0) become top-1; temperature then only needs to be positive.
         topk = torch.tensor([[1 if r.temperature <= 0 else max(1, r.topk)] for r in requests], device=dev)
         temperature = torch.tensor([[r.temperature if r.temperature > 0 else 1.0] for r in requests], device=dev)
+        max_topk = int(topk.max())
         rngs = [torch.Generator(device=dev) for _ in requests]
         for g, r in zip(rngs, requests):
             g.manual_seed(r.seed) if r.seed is not None else g.seed()
@@ -234,7 +238,7 @@ class Generator:
         input_pos = torch.arange(s, device=dev).expand(b, s)
         h, _ = self.model.backbone_forward(tokens, mask, input_pos, causal_mask(input_pos, s), step.backbone_cache)
         last = h[torch.arange(b, device=dev), torch.tensor(lengths, device=dev) - 1]
-        frame = first_frame(last, noise(), temperature, topk)
+        frame = first_frame(last, noise(), temperature, topk, max_topk)
 
         pos = torch.tensor(lengths, device=dev)[:, None]  # where each row's newest frame goes
         active = torch.ones(b, dtype=torch.bool, device=dev)
@@ -250,7 +254,7 @@ class Generator:
             if t + 1 == max(budgets):
                 return
             kv_len = full if self.compile else s + t + 1
-            frame = next_frame(frame.clone(), pos.clone(), kv_len, noise(), temperature, topk)
+            frame = next_frame(frame.clone(), pos.clone(), kv_len, noise(), temperature, topk, max_topk)
             pos += 1
 
     def generate_batch(self, requests: Sequence[Request]) -> list[Speech]:

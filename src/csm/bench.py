@@ -1,0 +1,248 @@
+"""`csm bench`: generation speed of our engine, and of transformers' CSM on identical weights in the same run.
+
+Defaults to the full CSM-1B shapes with random weights, so it runs anywhere without downloads. Both sides decode
+greedily, so their codes can be compared for equality too. Reports prefill time, time to first frame and to
+first audio chunk, ms/frame and real-time factor at batch 1, aggregate frames/s at larger batches, and peak
+memory; writes JSON with --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+
+import torch
+
+FRAME_S = 0.08
+DEFAULT_TEXT = "Hello there, it is a pleasure to finally meet you today."  # 10 words
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _build(args, device, dtype):
+    from .checkpoints import load_checkpoint
+    from .config import get_config
+    from .model import CSM
+    from .tokenizer import TextTokenizer, train_tokenizer
+
+    if args.model:
+        model, _ = load_checkpoint(args.model, device=device, dtype=dtype)
+        return model, TextTokenizer.from_pretrained(args.model)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = CSM(get_config(args.preset))
+    model = model.to_empty(device=device)
+    model.reset_buffers(device)
+    model.init_weights(std=0.02)
+    model = model.to(dtype).eval()
+    return model, train_tokenizer([DEFAULT_TEXT, args.text] * 4, vocab_size=300)
+
+
+def _codec(args, device):
+    if args.no_codec:
+        return None
+    try:
+        from .mimi import Mimi, preset
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    return Mimi(preset("kyutai/mimi")).to(device).eval()
+
+
+def bench_ours(gen, text: str, frames: int, batch_sizes: list[int], chunk_frames: int) -> dict:
+    from .generate import Request
+
+    dev = gen.device
+    req = Request(text, 0, max_audio_length_ms=frames * 80, topk=1)
+    # warm-up: compiles / captures the step when compile is on, and fills allocator caches
+    list(gen.iter_frames([Request(text, 0, max_audio_length_ms=3 * 80, topk=1)]))
+    _sync(dev)
+
+    t0 = time.perf_counter()
+    stamps, codes = [], []
+    for frame, _ in gen.iter_frames([req]):
+        codes.append(frame[0].cpu())
+        stamps.append(time.perf_counter() - t0)
+    n = len(stamps)
+    per_frame = (stamps[-1] - stamps[0]) / max(n - 1, 1)
+    out = {
+        "frames": n,
+        "first_frame_ms": stamps[0] * 1e3,  # prefill + the first frame
+        "ms_per_frame": per_frame * 1e3,
+        "rtf": per_frame / FRAME_S,
+        "codes": torch.stack(codes, dim=1) if codes else None,
+    }
+    # prefill alone: the backbone over the prompt
+    tokens, mask = gen.prompt_frames(text, 0, ())
+    step = gen._step_fns(1)[0]
+    tokens, mask = tokens[None].to(dev), mask[None].to(dev)
+    pos = torch.arange(tokens.shape[1], device=dev)[None]
+    from .model import causal_mask
+
+    with torch.inference_mode():
+        _sync(dev)
+        t = time.perf_counter()
+        gen.model.backbone_forward(tokens, mask, pos, causal_mask(pos, tokens.shape[1]), step.backbone_cache)
+        _sync(dev)
+    out["prefill_ms"] = (time.perf_counter() - t) * 1e3
+    out["prompt_frames"] = tokens.shape[1]
+
+    if gen.codec is not None:
+        t = time.perf_counter()
+        chunk = next(iter(gen.stream(req, chunk_frames=chunk_frames)))
+        out["first_chunk_ms"] = (time.perf_counter() - t) * 1e3
+        out["chunk_frames"] = chunk_frames
+        out["chunk_samples"] = int(chunk.numel())
+
+    out["batches"] = {}
+    for b in batch_sizes:
+        reqs = [Request(text, i % 4, max_audio_length_ms=frames * 80, topk=1) for i in range(b)]
+        list(gen.iter_frames([Request(text, 0, max_audio_length_ms=2 * 80, topk=1)] * b))  # warm-up this size
+        _sync(dev)
+        t = time.perf_counter()
+        produced = 0
+        for _, active in gen.iter_frames(reqs):
+            produced += int(active.sum())
+        _sync(dev)
+        dt = time.perf_counter() - t
+        out["batches"][b] = {"frames_per_s": produced / dt, "x_realtime": produced * FRAME_S / dt}
+    out["peak_mb"] = _peak_mb(dev)
+    return out
+
+
+def bench_transformers(model, tokenizer, text: str, frames: int) -> dict:
+    """The same weights in transformers' CsmForConditionalGeneration (greedy generate)."""
+    from transformers import CsmConfig, CsmForConditionalGeneration, MimiConfig
+
+    from .checkpoints import config_to_json, convert_from_ours
+
+    dev = model.text_embeddings.weight.device
+    cfg = config_to_json(model.cfg, "transformers")
+    cfg.pop("model_type"), cfg.pop("architectures")
+    # a minimal codec: the benchmark measures code generation, and the codec is not run
+    cfg["codec_config"] = MimiConfig(hidden_size=32, num_filters=4, codebook_dim=16, num_hidden_layers=1,
+                                     intermediate_size=32, upsample_groups=32,
+                                     vector_quantization_hidden_dimension=16).to_dict()
+    with torch.device("meta"):
+        hf = CsmForConditionalGeneration(CsmConfig(**cfg))
+    sd = convert_from_ours(model.state_dict(), model.cfg, "transformers")
+    missing = hf.load_state_dict(sd, strict=False, assign=True).missing_keys
+    assert all(k.startswith("codec_model.") for k in missing), missing
+    hf.codec_model.to_empty(device=dev)
+    # Non-persistent buffers were built on meta: rebuild them (RoPE tables, codebook offsets) on the device.
+    with torch.device(dev):
+        for mod in hf.modules():
+            if type(mod).__name__.endswith("RotaryEmbedding"):
+                type(mod).__init__(mod, mod.config)
+            if hasattr(mod, "audio_tokens_offsets"):
+                mod.audio_tokens_offsets = torch.arange(model.cfg.audio_num_codebooks) * model.cfg.audio_vocab_size
+    leftover = [name for name, b in hf.named_buffers() if b.is_meta]
+    if leftover:
+        raise RuntimeError(f"transformers buffers left on the meta device: {leftover}")
+    hf = hf.to(dev).eval()
+    ids = torch.tensor([tokenizer.encode(f"[0]{text}")], device=dev)
+    with torch.inference_mode():
+        hf.generate(input_ids=ids, do_sample=False, depth_decoder_do_sample=False, max_new_tokens=3)  # warm-up
+        _sync(dev)
+        t = time.perf_counter()
+        out = hf.generate(input_ids=ids, do_sample=False, depth_decoder_do_sample=False, max_new_tokens=frames)
+        _sync(dev)
+    dt = time.perf_counter() - t
+    n = out.shape[1]
+    return {"frames": n, "ms_per_frame": dt / n * 1e3, "rtf": dt / n / FRAME_S, "codes": out[0].T.cpu()}
+
+
+def run(args: argparse.Namespace) -> int:
+    from .generate import Generator
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    frames = args.frames or (100 if device.type == "cuda" else 10)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    compile_ = {"auto": None, "on": True, "off": False}[args.compile]
+
+    model, tokenizer = _build(args, device, dtype)
+    gen = Generator(model, tokenizer, _codec(args, device), compile=compile_)
+    print(f"benchmarking {args.model or args.preset} ({model.num_parameters() / 1e6:.0f} M params, {dtype}) on "
+          f"{_device_name(device)}; compile={gen.compile}; {frames} frames", file=sys.stderr)
+    ours = bench_ours(gen, args.text, frames, batch_sizes, args.chunk_frames)
+    result = {
+        "device": _device_name(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "model": args.model or args.preset,
+        "compile": gen.compile,
+        "text": args.text,
+        "ours": {k: v for k, v in ours.items() if k != "codes"},
+    }
+    if not args.no_transformers:
+        ref = bench_transformers(model, tokenizer, args.text, frames)
+        n = min(ref["codes"].shape[1], ours["codes"].shape[1])
+        result["transformers"] = {k: v for k, v in ref.items() if k != "codes"}
+        result["transformers"]["same_codes"] = bool(torch.equal(ref["codes"][:, :n], ours["codes"][:, :n]))
+        result["speedup_vs_transformers"] = ref["ms_per_frame"] / ours["ms_per_frame"]
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def format_table(r: dict) -> str:
+    o = r["ours"]
+    rows = [
+        ("prefill", f"{o['prefill_ms']:.1f} ms ({o['prompt_frames']} frames)"),
+        ("first frame", f"{o['first_frame_ms']:.1f} ms"),
+        ("ms/frame (batch 1)", f"{o['ms_per_frame']:.1f}"),
+        ("RTF (batch 1)", f"{o['rtf']:.3f}"),
+    ]
+    if "first_chunk_ms" in o:
+        rows.append(("first audio chunk", f"{o['first_chunk_ms']:.1f} ms ({o['chunk_frames']} frames)"))
+    for b, v in o["batches"].items():
+        rows.append((f"batch {b}", f"{v['frames_per_s']:.1f} frames/s = {v['x_realtime']:.2f}x real time"))
+    rows.append(("peak memory", f"{o['peak_mb']:.0f} MB"))
+    if "transformers" in r:
+        t = r["transformers"]
+        rows.append(("transformers ms/frame", f"{t['ms_per_frame']:.1f} (RTF {t['rtf']:.3f})"))
+        rows.append(("speedup", f"{r['speedup_vs_transformers']:.2f}x; same greedy codes: {t['same_codes']}"))
+    width = max(len(k) for k, _ in rows)
+    head = f"{r['model']} on {r['device']} ({r['dtype']}, compile={r['compile']})"
+    return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
+def add_subcommand(sub) -> None:
+    p = sub.add_parser("bench", help="measure generation speed (ours and transformers on the same weights)")
+    p.add_argument("--preset", default="csm-1b", help="random-weight model shapes (default: the full csm-1b)")
+    p.add_argument("--model", default=None, help="benchmark a real checkpoint instead of random weights")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--frames", type=int, default=0, help="frames per measurement (default: 100 GPU, 10 CPU)")
+    p.add_argument("--batch-sizes", default="1,8,32")
+    p.add_argument("--chunk-frames", type=int, default=1, help="frames in the first streamed audio chunk")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--text", default=DEFAULT_TEXT)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
+    p.add_argument("--no-codec", action="store_true", help="skip the streaming-audio measurement")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.set_defaults(func=run)
