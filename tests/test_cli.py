@@ -38,6 +38,18 @@ def test_say_end_to_end(tiny_ckpt, tmp_path):
     assert "frames" in res.stderr and "RTF" in res.stderr
 
 
+def test_say_writes_a_wav_with_the_codec_beside_the_model(tiny_ckpt, tmp_path):
+    import soundfile as sf
+
+    out = tmp_path / "hello.wav"
+    res = run(sys.executable, "-m", "csm.cli", "say", "Hello there.", "--model", str(tiny_ckpt), "-o", str(out),
+              "--max-ms", "320", "--seed", "3")
+    assert res.stdout.strip() == str(out)
+    audio, sr = sf.read(out)
+    assert sr == 24_000 and len(audio) % 1920 == 0 and 0 < len(audio) <= 4 * 1920
+    assert np.isfinite(audio).all() and np.abs(audio).max() > 0
+
+
 def test_say_reports_bad_model_path(tmp_path):
     res = run(sys.executable, "-m", "csm.cli", "say", "Hi", "--model", str(tmp_path / "missing"), "--codec", "none",
               check=False)

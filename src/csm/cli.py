@@ -16,13 +16,13 @@ SUBCOMMAND_MODULES = ("csm.train.cli", "csm.evaluate", "csm.bench", "csm.serve.c
 def _say(args: argparse.Namespace) -> int:
     import torch
 
-    from .frames import Segment
     from .generate import load_generator
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
-    gen = load_generator(args.model, device=args.device, codec=_load_codec(args))
+    gen = load_generator(args.model, device=device, codec=_load_codec(args, device))
     context = [_context_segment(gen, spec) for spec in args.context or []]
     t1 = time.perf_counter()
     speech = gen.generate(
@@ -43,9 +43,7 @@ def _say(args: argparse.Namespace) -> int:
     else:
         import numpy as np
 
-        if out.suffix.lower() != ".npy":
-            out = out.with_suffix(".npy")
-            print("no audio codec available: writing Mimi codes instead of audio", file=sys.stderr)
+        out = out.with_suffix(".npy")
         np.save(out, speech.codes.numpy())
     rtf = (t2 - t1) / max(speech.duration_s, 1e-9)
     print(
@@ -57,14 +55,24 @@ def _say(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_codec(args: argparse.Namespace):
+def _load_codec(args: argparse.Namespace, device: str):
+    """--codec, else the codec that travels with the model: a `codec/` directory beside the weights, or the
+    `codec_model.*` tensors of a transformers CSM checkpoint. None (codes only) when there is none."""
     if args.codec == "none":
         return None
-    try:
-        from .mimi import load_codec
-    except ImportError:
-        return None
-    return load_codec(args.codec or args.model, device=args.device)
+    from .hub import ModelFilesNotFound
+    from .mimi import MimiWeightsError, load_mimi
+
+    if args.codec:
+        return load_mimi(args.codec, device=device)
+    local = Path(args.model) / "codec"
+    for source in ([local] if local.is_dir() else []) + [args.model]:
+        try:
+            return load_mimi(source, device=device)
+        except (ModelFilesNotFound, MimiWeightsError):
+            continue
+    print(f"no audio codec found with {args.model} (pass --codec): writing Mimi codes, not audio", file=sys.stderr)
+    return None
 
 
 def _context_segment(gen, spec: str):

@@ -301,15 +301,23 @@ class Generator:
         if pending:
             yield self._stream_chunk(decoder, pending)
 
+    def _codec_ready(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [B, K, n] the codec can decode. CSM's vocabulary has 3 ids past the codec's 2048 entries; a trained
+        model does not emit them, an untrained one may: they become 0 rather than crash the decoder."""
+        size = getattr(getattr(self.codec, "cfg", None), "codebook_size", None)
+        if size is not None:
+            codes = codes.masked_fill(codes >= size, 0)
+        return codes.to(self.device)
+
     def _stream_chunk(self, decoder, frames: list[torch.Tensor]) -> torch.Tensor:
         with torch.inference_mode():
-            return decoder.decode(torch.stack(frames, dim=1)[None])[0, 0].float().cpu()
+            return decoder.decode(self._codec_ready(torch.stack(frames, dim=1)[None]))[0, 0].float().cpu()
 
     def _decode(self, codes: torch.Tensor) -> torch.Tensor | None:
         if self.codec is None or codes.shape[1] == 0:
             return None
         with torch.inference_mode():
-            return self.codec.decode(codes[None].to(self.device))[0, 0].float().cpu()
+            return self.codec.decode(self._codec_ready(codes[None]))[0, 0].float().cpu()
 
 
 def load_generator(

@@ -1,0 +1,112 @@
+"""`csm prepare` and `csm train`. The train flags are generated from TrainConfig's fields (--batch-size, --lr, ...)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+from .train import TrainConfig
+
+HELP = {
+    "data": "prepared data directory (output of `csm prepare`)",
+    "out": "output directory: checkpoints step-NNNNNN/ and log.jsonl",
+    "init": "start from this checkpoint (directory, weights file or hub id)",
+    "preset": "start from a random model of this preset (e.g. tiny, csm-1b)",
+    "model_config": "start from a random model with this CSMConfig JSON file",
+    "resume": "continue from a checkpoint directory (default with no value: the latest in --out)",
+    "eval_data": "held-out prepared directory (default: --eval-fraction of the conversations of --data)",
+    "seq_len": "frames per row (default: the backbone's max_seq_len)",
+    "batch_size": "rows per micro-batch per process",
+    "pack": "pack several conversations per row (--no-pack: one per row, padded)",
+    "steps": "optimizer steps",
+    "lr": "peak learning rate (after linear warmup, cosine decay to --min-lr)",
+    "grad_clip": "clip the gradient norm to this (0: off)",
+    "grad_accum": "micro-batches per optimizer step",
+    "amortization": "train the decoder on 1/N of the audio frames",
+    "grad_checkpointing": "recompute activations in the backward pass (less memory, ~30%% slower)",
+    "lora_rank": "LoRA fine-tuning with adapters of this rank (0: full fine-tuning)",
+    "lora_train_heads": "with LoRA, also train the codebook-0 and decoder output heads",
+    "device": "cpu / cuda (default: cuda if available; under torchrun cuda:LOCAL_RANK)",
+    "fsdp": "under torchrun: shard the model with FSDP instead of replicating it with DDP",
+    "eval_every": "evaluate every N steps (0: at the end only)",
+    "save_every": "checkpoint every N steps (0: at the end only)",
+    "keep_checkpoints": "keep only the newest N checkpoints (0: all)",
+}
+
+
+def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("prepare", help="encode audio + transcripts into training shards")
+    p.add_argument("input", help="folder of audio files with same-name .txt transcripts, or a .jsonl/.csv manifest "
+                                 "(fields: audio, text, speaker, optional conversation, turn)")
+    p.add_argument("-o", "--out", required=True, help="output directory (re-running resumes)")
+    p.add_argument("--codec", default="kyutai/mimi", help="Mimi weights: directory, file or hub id")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json / model directory / hub id (default: the output's, else Llama-3.2's)")
+    p.add_argument("--train-tokenizer", type=int, default=0, metavar="VOCAB",
+                   help="train a small BPE tokenizer of this vocabulary size on the transcripts (tiny models)")
+    p.add_argument("--speaker", type=int, default=0, help="speaker id where the input gives none")
+    p.add_argument("--max-seconds", type=float, default=120.0, help="skip longer audio files")
+    p.add_argument("--shard-size", type=int, default=256, help="utterances per shard file")
+    p.add_argument("--device", default=None, help="device for the codec (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_prepare)
+
+    t = subparsers.add_parser("train", help="train or fine-tune (full or LoRA) on prepared data; torchrun for multi-GPU")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
+        required = f.default is dataclasses.MISSING
+        if kind is bool:
+            t.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=HELP.get(f.name))
+        elif f.name == "resume":
+            t.add_argument(flag, nargs="?", const="latest", default=None, metavar="DIR", help=HELP[f.name])
+        else:
+            base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # str | None -> str
+            default = None if required else f.default
+            text = " ".join(x for x in (HELP.get(f.name), f"(default: {default})" if default is not None else "") if x)
+            t.add_argument(flag, type=base, required=required, default=default, help=text or None)
+    t.set_defaults(func=_train)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from ..tokenizer import DEFAULT_TOKENIZER_REPO, TextTokenizer, train_tokenizer
+    from .data import TOKENIZER, load_codec, prepare, read_items
+
+    out = Path(args.out)
+    if args.train_tokenizer:
+        items, _ = read_items(args.input, args.speaker)
+        tokenizer = train_tokenizer([f"[{it.speaker}]{it.text}" for it in items], vocab_size=args.train_tokenizer)
+    elif args.tokenizer:
+        tokenizer = TextTokenizer.from_pretrained(args.tokenizer)
+    elif (out / TOKENIZER).is_file():
+        tokenizer = TextTokenizer.from_file(out / TOKENIZER)
+    else:
+        tokenizer = TextTokenizer.from_pretrained(DEFAULT_TOKENIZER_REPO)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    codec = load_codec(args.codec, device)
+    report = prepare(args.input, out, codec, tokenizer, speaker=args.speaker, max_seconds=args.max_seconds,
+                     shard_size=args.shard_size, progress=not args.no_progress)
+    print(f"{out}: {report.encoded} utterances encoded, {report.already_done} already done, "
+          f"{len(report.bad)} bad file(s) skipped" + (f" (listed in {out / 'errors.jsonl'})" if report.bad else ""),
+          file=sys.stderr)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    try:
+        train(cfg)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

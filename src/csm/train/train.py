@@ -1,0 +1,530 @@
+"""The training loop: backbone and decoder trained together on prepared conversations.
+
+Loss = cross-entropy of codebook 0 on every audio frame (EOS frames included: that is how the model learns to
+stop), predicted from the previous frame's hidden state, + the decoder's cross-entropy on codebooks 1..K-1 for a
+random 1/`amortization` of those frames (Sesame's compute amortisation: the decoder runs K-1 steps per frame, so
+training it on every frame would dominate the cost). Each micro-batch's loss is a mean over its own frames;
+gradient accumulation and processes average those means.
+
+Single process on CPU or one GPU; several GPUs by launching the same command under torchrun (DDP, or FSDP with
+--fsdp). Every `save_every` steps a checkpoint directory holds the weights in our safetensors layout (merged ones
+for LoRA), the tokenizer, and train_state.pt (optimizer, step, data position) for --resume; all randomness
+is derived from (seed, step, rank), so a resumed run needs no saved RNG state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..checkpoints import load_checkpoint, save_checkpoint
+from ..config import CSMConfig, get_config
+from ..model import CSM
+from . import lora as lora_lib
+from .data import (
+    TOKENIZER, Batch, Corpus, audio_targets, collate, decoder_frames, epoch_batches, load_corpus, pack, split_examples,
+)
+
+STATE_FILE, ADAPTERS_FILE, LORA_FILE, LOG_FILE = "train_state.pt", "adapters.safetensors", "lora.json", "log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    data: str  # a `csm prepare` output directory
+    out: str  # checkpoints and log.jsonl go here
+    # The model: one of init (checkpoint dir / file / hub id), preset (random init), model_config (JSON, random init).
+    init: str | None = None
+    preset: str | None = None
+    model_config: str | None = None
+    resume: str | None = None  # a checkpoint directory, or "latest" (the newest one in `out`)
+    # Data
+    eval_data: str | None = None  # held-out prepared directory; default: eval_fraction of the conversations of data
+    eval_fraction: float = 0.02
+    seq_len: int = 0  # frames per row; 0: the backbone's max_seq_len
+    batch_size: int = 8  # rows per micro-batch (per process)
+    pack: bool = True  # several conversations per row (block-diagonal attention)
+    # Optimisation
+    steps: int = 1000
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0: off
+    grad_accum: int = 1
+    amortization: int = 16  # the decoder is trained on 1/amortization of the audio frames
+    decoder_loss_weight: float = 1.0
+    grad_checkpointing: bool = False
+    # LoRA (rank 0: full fine-tuning)
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_train_heads: bool = False
+    # Runtime
+    device: str | None = None  # default: cuda if available
+    fsdp: bool = False  # under torchrun: shard parameters/gradients/optimizer (FSDP2) instead of replicating (DDP)
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200  # 0: only at the end
+    eval_batches: int = 20
+    save_every: int = 500  # 0: only at the end
+    keep_checkpoints: int = 0  # keep only the newest N checkpoint directories (0: all)
+
+
+# --- the loss -----------------------------------------------------------------------------------------------------
+
+
+class CSMLoss(nn.Module):
+    """The model plus its loss, so that DDP/FSDP see one forward() that does all the work."""
+
+    def __init__(self, model: CSM, decoder_loss_weight: float = 1.0) -> None:
+        super().__init__()
+        self.model, self.decoder_loss_weight = model, decoder_loss_weight
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        mask: torch.Tensor,
+        input_pos: torch.Tensor | None,
+        attn_mask: torch.Tensor | None,
+        decoder_idx: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (loss, codebook-0 loss, decoder loss). decoder_idx picks among the batch's audio frames, in order."""
+        k = self.model.cfg.audio_num_codebooks
+        h, logits = self.model.backbone_forward(tokens, mask, input_pos, attn_mask)
+        target = audio_targets(mask, k)  # hidden state t predicts audio frame t+1
+        frames = tokens[:, 1:, :k][target]  # [N, K]
+        c0 = F.cross_entropy(logits[:, :-1][target].float(), frames[:, 0]) if len(frames) else logits.sum() * 0
+        if len(decoder_idx):
+            dec_logits = self.model.decoder_logits(h[:, :-1][target][decoder_idx], frames[decoder_idx])
+            dec = F.cross_entropy(dec_logits.float().flatten(0, 1), frames[decoder_idx, 1:].flatten())
+        else:
+            dec = c0 * 0
+        return c0 + self.decoder_loss_weight * dec, c0.detach(), dec.detach()
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def _decoder_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    # A function of (seed, step, micro-batch) only: resumed and multi-process runs pick the same frames.
+    return torch.Generator().manual_seed((seed * 1_000_000_007 + step * 1_009 + micro) % 2**63)
+
+
+# --- distributed ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str | None) -> tuple[Dist, torch.device]:
+    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1); pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    d = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", d.local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return d, dev
+
+
+def _all_reduce(values: list[float], d: Dist, device: torch.device) -> list[float]:
+    if d.world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# --- model, checkpoints ---------------------------------------------------------------------------------------------
+
+
+def build_model(cfg: TrainConfig) -> CSM:
+    """The starting model in float32 on the CPU: a checkpoint (--init) or a random one (--preset / --model-config)."""
+    given = [x for x in (cfg.init, cfg.preset, cfg.model_config) if x]
+    if len(given) != 1:
+        raise ValueError("give exactly one of --init (checkpoint), --preset (random init) or --model-config (JSON)")
+    if cfg.init:
+        model, _ = load_checkpoint(cfg.init, dtype=torch.float32)
+        return model
+    if cfg.preset:
+        model_cfg = get_config(cfg.preset)
+    else:
+        try:
+            d = json.loads(Path(cfg.model_config).read_text())
+            model_cfg = CSMConfig.from_dict(d.get("csm_config", d))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{cfg.model_config}: not a CSMConfig JSON (as CSMConfig.to_dict() writes it): {e}") from None
+    torch.manual_seed(cfg.seed)
+    return CSM(model_cfg)
+
+
+def _unwrap(module: nn.Module) -> CSMLoss:
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+def _full_state_dict(module: nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
+    """The CSM's complete state dict (gathered on every rank under FSDP: a collective call)."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k[len("model."):]: v for k, v in sd.items()}
+    return {k: v.detach() for k, v in _unwrap(module).model.state_dict().items()}
+
+
+class _Weights:
+    """What save_checkpoint reads from a model (its config and state dict), for merged LoRA weights."""
+
+    def __init__(self, cfg: CSMConfig, sd: dict[str, torch.Tensor]) -> None:
+        self.cfg, self._sd = cfg, sd
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._sd
+
+
+def save_training_checkpoint(
+    cfg: TrainConfig, module: nn.Module, optimizer: torch.optim.Optimizer, state: dict, d: Dist, data_dir: Path
+) -> Path | None:
+    """out/step-NNNNNN/: model.safetensors + config.json (+ adapters), tokenizer.json, train_state.pt."""
+    model_cfg = _unwrap(module).model.cfg
+    sd = _full_state_dict(module, cfg.fsdp)
+    if cfg.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        opt_state = get_optimizer_state_dict(
+            module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+    else:
+        opt_state = optimizer.state_dict()
+    if not d.main:
+        return None
+    final = Path(cfg.out) / f"step-{state['step']:06d}"
+    tmp = final.with_name(final.name + ".tmp")  # written whole, then renamed: a crash never leaves half a checkpoint
+    shutil.rmtree(tmp, ignore_errors=True)
+    if cfg.lora_rank:
+        from safetensors.torch import save_file
+
+        trainable = {k for k, p in _unwrap(module).model.named_parameters() if p.requires_grad}
+        adapters = {k: v for k, v in sd.items() if k in trainable}
+        save_checkpoint(_Weights(model_cfg, lora_lib.merge_state_dict(sd, cfg.lora_alpha / cfg.lora_rank)), tmp)
+        save_file({k: v.contiguous().cpu() for k, v in adapters.items()}, str(tmp / ADAPTERS_FILE))
+        lora_meta = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": list(lora_lib.TARGETS),
+                     "train_heads": cfg.lora_train_heads, "base": cfg.init or cfg.preset or cfg.model_config}
+        (tmp / LORA_FILE).write_text(json.dumps(lora_meta, indent=2) + "\n")
+    else:
+        save_checkpoint(_Weights(model_cfg, sd), tmp)
+    shutil.copy(data_dir / TOKENIZER, tmp / TOKENIZER)
+    torch.save({**state, "world_size": d.world, "optimizer": opt_state, "config": dataclasses.asdict(cfg)},
+               tmp / STATE_FILE)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    if cfg.keep_checkpoints > 0:
+        for old in _checkpoint_dirs(Path(cfg.out))[: -cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _checkpoint_dirs(out: Path) -> list[Path]:
+    return sorted(p for p in out.glob("step-*") if (p / STATE_FILE).is_file() and not p.name.endswith(".tmp"))
+
+
+def find_resume_dir(cfg: TrainConfig) -> Path:
+    if cfg.resume != "latest":
+        path = Path(cfg.resume)
+        if not (path / STATE_FILE).is_file():
+            raise FileNotFoundError(f"{path}: not a training checkpoint (no {STATE_FILE})")
+        return path
+    dirs = _checkpoint_dirs(Path(cfg.out))
+    if not dirs:
+        raise FileNotFoundError(f"--resume latest: no checkpoint with {STATE_FILE} in {cfg.out}")
+    return dirs[-1]
+
+
+# --- evaluation ------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(module: nn.Module, corpus: Corpus, batches: list[list[list[int]]], cfg: TrainConfig, d: Dist,
+             device: torch.device) -> dict[str, float]:
+    """Frame-weighted mean losses over the eval batches (split across processes); fixed decoder frames."""
+    # Under DDP the bare module avoids collectives; FSDP needs every rank in every forward, so ranks with fewer
+    # batches run batch 0 again with weight 0.
+    module = _unwrap(module)
+    module.eval()
+    k = module.model.cfg.audio_num_codebooks
+    sums = [0.0, 0.0, 0.0, 0.0]
+    for i in range(d.rank, math.ceil(len(batches) / d.world) * d.world, d.world):
+        batch = collate(corpus, batches[i if i < len(batches) else 0])
+        n = int(audio_targets(batch.mask, k).sum())
+        idx = decoder_frames(n, cfg.amortization, _decoder_generator(cfg.seed, -1, i))
+        with _autocast(device):
+            loss, c0, dec = module(*_inputs(batch.to(device)), idx.to(device))
+        n = n if i < len(batches) else 0
+        sums = [sums[0] + n * loss.item(), sums[1] + n * c0.item(), sums[2] + n * dec.item(), sums[3] + n]
+    module.train()
+    total = _all_reduce(sums, d, device)
+    n = max(total[3], 1)
+    return {"eval_loss": total[0] / n, "eval_c0_loss": total[1] / n, "eval_decoder_loss": total[2] / n}
+
+
+def _inputs(batch: Batch) -> tuple:
+    return batch.tokens, batch.mask, batch.input_pos, batch.attn_mask
+
+
+def _autocast(device: torch.device):
+    # bf16 autocast on GPU (weights and optimizer state stay float32); plain float32 on CPU.
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+# --- data, model setup -------------------------------------------------------------------------------------------
+
+
+def load_data(cfg: TrainConfig, model_cfg: CSMConfig, seq_len: int) -> tuple[Corpus, list[int], Corpus, list]:
+    """(train corpus, its training example ids, eval corpus, eval batches) checked against the model."""
+    data_dir = Path(cfg.data)
+    corpus = load_corpus(data_dir, seq_len, model_cfg.audio_num_codebooks)
+    _check_vocab(corpus, model_cfg, data_dir)
+    if cfg.eval_data:
+        eval_dir = Path(cfg.eval_data)
+        if (eval_dir / TOKENIZER).read_text(encoding="utf-8") != (data_dir / TOKENIZER).read_text(encoding="utf-8"):
+            raise ValueError(f"{eval_dir} and {data_dir} were prepared with different tokenizers")
+        eval_corpus = load_corpus(eval_dir, seq_len, model_cfg.audio_num_codebooks)
+        _check_vocab(eval_corpus, model_cfg, eval_dir)
+        train_ids, eval_ids = list(range(len(corpus.examples))), list(range(len(eval_corpus.examples)))
+    else:
+        eval_corpus = corpus
+        train_ids, eval_ids = split_examples(corpus, cfg.eval_fraction, cfg.seed)
+    eval_rows = pack(eval_ids, eval_corpus.lengths, seq_len, cfg.pack)
+    eval_batches = [eval_rows[i : i + cfg.batch_size] for i in range(0, len(eval_rows), cfg.batch_size)]
+    return corpus, train_ids, eval_corpus, eval_batches[: cfg.eval_batches]
+
+
+def wrap(model: CSM, cfg: TrainConfig, d: Dist, device: torch.device) -> nn.Module:
+    """CSMLoss around the model; under torchrun replicated by DDP or sharded per block by FSDP2."""
+    model.backbone.gradient_checkpointing = model.decoder.gradient_checkpointing = cfg.grad_checkpointing
+    model.to(device).train()
+    module = CSMLoss(model, cfg.decoder_loss_weight)
+    if d.world > 1 and cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in [*model.backbone.layers, *model.decoder.layers]:
+            fully_shard(block)
+        fully_shard(module)  # the root: embeddings, heads, norms
+    elif d.world > 1:
+        module = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    return module
+
+
+# --- the loop ----------------------------------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig) -> list[dict]:
+    """Run training as configured; returns the logged records (also in out/log.jsonl)."""
+    d, device = setup_distributed(cfg.device)
+    if cfg.fsdp and d.world == 1:
+        cfg = dataclasses.replace(cfg, fsdp=False)  # nothing to shard in one process
+    out, data_dir = Path(cfg.out), Path(cfg.data)
+    if cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.amortization < 1:
+        raise ValueError("batch_size, grad_accum and amortization must be >= 1")
+    if not (data_dir / TOKENIZER).is_file():
+        raise FileNotFoundError(f"{data_dir / TOKENIZER} not found: is {data_dir} a `csm prepare` output?")
+
+    resume_dir = find_resume_dir(cfg) if cfg.resume else None
+    state = torch.load(resume_dir / STATE_FILE, weights_only=True) if resume_dir else None
+    if state is not None and state["config"].get("lora_rank", 0) != cfg.lora_rank:
+        raise ValueError(f"{resume_dir} was trained with --lora-rank {state['config'].get('lora_rank', 0)}; "
+                         f"resume with the same value")
+    if resume_dir and not cfg.lora_rank:
+        model, _ = load_checkpoint(resume_dir, dtype=torch.float32)  # the exact float32 weights saved
+    else:
+        model = build_model(cfg)
+    model_cfg = model.cfg
+    seq_len = cfg.seq_len or model_cfg.backbone.max_seq_len
+    if seq_len > model_cfg.backbone.max_seq_len:
+        raise ValueError(f"--seq-len {seq_len} exceeds the backbone's max_seq_len {model_cfg.backbone.max_seq_len}")
+
+    corpus, train_ids, eval_corpus, eval_batches = load_data(cfg, model_cfg, seq_len)
+    per_step = d.world * cfg.grad_accum
+    n_batches = len(epoch_batches(train_ids, corpus.lengths, seq_len, cfg.batch_size, cfg.seed, 0, cfg.pack))
+    if n_batches < per_step:
+        raise ValueError(
+            f"an epoch holds {n_batches} batches of {cfg.batch_size} rows but one step needs {per_step} "
+            f"(grad_accum x processes): use a smaller --batch-size / --grad-accum or more data"
+        )
+
+    if cfg.lora_rank:
+        torch.manual_seed(cfg.seed)  # same adapter init on every rank and every resume
+        n_train = lora_lib.apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_train_heads)
+        if resume_dir:
+            from safetensors.torch import load_file
+
+            adapters = load_file(str(resume_dir / ADAPTERS_FILE))
+            missing = model.load_state_dict(adapters, strict=False)
+            if missing.unexpected_keys or set(adapters) != {k for k, p in model.named_parameters() if p.requires_grad}:
+                raise ValueError(f"{resume_dir / ADAPTERS_FILE} does not match this LoRA configuration")
+    else:
+        n_train = model.num_parameters()
+    module = wrap(model, cfg, d, device)
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # no decay on norms
+    groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+    step, epoch, pos = 0, 0, 0
+    if state is not None:
+        step, epoch, pos = state["step"], state["epoch"], state["pos"]
+        _warn_if_data_order_changes(state, cfg, d)
+        if state["config"].get("fsdp", False) != cfg.fsdp:  # the two store the optimizer state differently
+            raise ValueError(f"{resume_dir} was saved {'with' if state['config'].get('fsdp') else 'without'} FSDP "
+                             f"sharding: resume it the same way (--fsdp under torchrun, or not)")
+        if cfg.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(module, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        mode = f"LoRA r={cfg.lora_rank}" if cfg.lora_rank else "full"
+        print(f"csm train: {model.num_parameters() / 1e6:.1f}M parameters ({n_train / 1e6:.2f}M trained, {mode}); "
+              f"{len(train_ids)} train examples, {sum(map(len, eval_batches))} eval rows ({corpus.skipped} utterances over {seq_len} "
+              f"frames skipped); {n_batches} batches per epoch; {d.world} process(es) on {device}"
+              + (f"; resuming at step {step} from {resume_dir}" if resume_dir else ""), flush=True)
+
+    records: list[dict] = []
+    batches = epoch_batches(train_ids, corpus.lengths, seq_len, cfg.batch_size, cfg.seed, epoch, cfg.pack)
+    k = model_cfg.audio_num_codebooks
+    window = {"loss": 0.0, "c0": 0.0, "dec": 0.0, "frames": 0, "steps": 0, "t": time.perf_counter()}
+    last_saved = step if resume_dir else -1
+    while step < cfg.steps:
+        for _ in range(100):  # an epoch's leftover batches are dropped: all ranks move on together
+            if pos + per_step <= len(batches):
+                break
+            epoch, pos = epoch + 1, 0
+            batches = epoch_batches(train_ids, corpus.lengths, seq_len, cfg.batch_size, cfg.seed, epoch, cfg.pack)
+        else:  # packing differs a little between shuffles; tiny data sets can come up short every time
+            raise ValueError(f"the epochs hold fewer batches than one step needs ({per_step}): use more data")
+        # All randomness is a function of (seed, step, rank): the data order and decoder frames through their own
+        # generators, anything else (LoRA dropout) through this seed. So --resume needs no saved RNG state.
+        torch.manual_seed((cfg.seed * 1_000_003 + step * 1_009 + d.rank) % 2**63)
+        lr = lr_at(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(cfg.grad_accum):
+            global_micro = micro * d.world + d.rank
+            batch = collate(corpus, batches[pos + global_micro])
+            n_audio = int(audio_targets(batch.mask, k).sum())
+            idx = decoder_frames(n_audio, cfg.amortization, _decoder_generator(cfg.seed, step, global_micro))
+            last = micro == cfg.grad_accum - 1
+            # Reduce gradients across processes only after the last micro-batch.
+            sync = module.no_sync() if isinstance(module, nn.parallel.DistributedDataParallel) and not last \
+                else contextlib.nullcontext()
+            if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+                module.set_requires_gradient_sync(last)
+            with sync:
+                with _autocast(device):
+                    loss, c0, dec = module(*_inputs(batch.to(device)), idx.to(device))
+                (loss / cfg.grad_accum).backward()
+            window["loss"] += loss.detach() / cfg.grad_accum
+            window["c0"] += c0 / cfg.grad_accum
+            window["dec"] += dec / cfg.grad_accum
+            window["frames"] += batch.num_frames
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step, pos = step + 1, pos + per_step
+        window["steps"] += 1
+
+        record = None
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            n = window["steps"]
+            loss_v, c0_v, dec_v, frames = _all_reduce(
+                [float(window["loss"]) / n, float(window["c0"]) / n, float(window["dec"]) / n, window["frames"]], d, device)
+            elapsed = time.perf_counter() - window["t"]
+            gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            record = {"step": step, "epoch": epoch, "loss": loss_v / d.world, "c0_loss": c0_v / d.world,
+                      "decoder_loss": dec_v / d.world, "lr": lr, "grad_norm": float(gn),
+                      "frames_per_s": frames / max(elapsed, 1e-9)}
+            window = {"loss": 0.0, "c0": 0.0, "dec": 0.0, "frames": 0, "steps": 0, "t": time.perf_counter()}
+        paused = time.perf_counter()
+        if eval_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+            record = {"step": step, **(record or {}), **evaluate(module, eval_corpus, eval_batches, cfg, d, device)}
+        if record is not None:
+            records.append(record)
+            if d.main:
+                _log(out, record)
+        if ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps) and step != last_saved:
+            path = save_training_checkpoint(cfg, module, optimizer, {"step": step, "epoch": epoch, "pos": pos}, d, data_dir)
+            last_saved = step
+            if d.main:
+                print(f"saved {path}", flush=True)
+            if d.world > 1:
+                dist.barrier()
+        window["t"] += time.perf_counter() - paused  # throughput counts training time only
+    return records
+
+
+def _log(out: Path, record: dict) -> None:
+    with open(out / LOG_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    parts = [f"step {record['step']}"]
+    for key, fmt in (("loss", ".4f"), ("c0_loss", ".4f"), ("decoder_loss", ".4f"), ("lr", ".2e"), ("grad_norm", ".2f"),
+                     ("frames_per_s", ".0f"), ("eval_loss", ".4f")):
+        if key in record:
+            parts.append(f"{key} {record[key]:{fmt}}")
+    print(" | ".join(parts), flush=True)
+
+
+def _warn_if_data_order_changes(state: dict, cfg: TrainConfig, d: Dist) -> None:
+    saved = {**state["config"], "world_size": state.get("world_size", 1)}
+    now = {**dataclasses.asdict(cfg), "world_size": d.world}
+    changed = [k for k in ("seed", "batch_size", "grad_accum", "seq_len", "pack", "world_size", "eval_fraction", "data")
+               if saved.get(k) != now[k]]
+    if changed and d.main:
+        print(f"warning: resuming with different {', '.join(changed)}: the data order will differ from the "
+              f"uninterrupted run", flush=True)
+
+
+def _check_vocab(corpus: Corpus, model_cfg: CSMConfig, data_dir: Path) -> None:
+    max_text = max(int(u.text.max()) for u in corpus.utterances)
+    max_code = max(int(u.codes.max()) for u in corpus.utterances)
+    if max_text >= model_cfg.text_vocab_size:
+        raise ValueError(f"{data_dir} holds text token id {max_text} but the model's text_vocab_size is "
+                         f"{model_cfg.text_vocab_size}: prepare the data with the model's tokenizer")
+    if max_code >= model_cfg.audio_vocab_size:
+        raise ValueError(f"{data_dir} holds audio code {max_code} but the model's audio_vocab_size is "
+                         f"{model_cfg.audio_vocab_size}")

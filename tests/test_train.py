@@ -1,0 +1,387 @@
+"""Training on tiny random data: prepare (fake codec, real wav files), packing, amortisation, loss, resume, LoRA."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from csm.checkpoints import load_checkpoint, save_checkpoint
+from csm.config import CSMConfig, TransformerConfig
+from csm.model import CSM
+from csm.tokenizer import train_tokenizer
+from csm.train import data as D
+from csm.train.lora import apply_lora
+from csm.train.train import CSMLoss, TrainConfig, train
+
+K = 4  # codebooks of the fake codec and the micro model
+MICRO = CSMConfig(
+    backbone=TransformerConfig(n_layers=2, dim=32, n_heads=4, n_kv_heads=2, intermediate_size=64, max_seq_len=256),
+    decoder=TransformerConfig(n_layers=1, dim=16, n_heads=2, n_kv_heads=1, intermediate_size=32, max_seq_len=K),
+    text_vocab_size=512,
+    audio_vocab_size=64,
+    audio_num_codebooks=K,
+)
+SAMPLE_RATE, FRAME = 1600, 160
+
+
+class FakeCodec:
+    """Codec protocol stand-in: each 160-sample frame's mean level -> K codes (a learnable pattern)."""
+
+    sample_rate = SAMPLE_RATE
+
+    def encode(self, wav: torch.Tensor) -> torch.Tensor:
+        b, _, t = wav.shape
+        f = math.ceil(t / FRAME)
+        level = F.pad(wav, (0, f * FRAME - t)).reshape(b, f, FRAME).mean(-1)
+        base = ((level + 1) * 20).round().long().clamp(0, 40)
+        return torch.stack([(base + 5 * k) % 64 for k in range(K)], dim=1)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Micro models: threads only add contention on a shared CPU (and cost 10-100x in wall time).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+WORDS = "hello there how are you today fine thanks and what about the weather it is sunny".split()
+
+
+def _write_wav(path, n_frames: int, start: int, step: int) -> None:
+    import soundfile as sf
+
+    levels = np.array([((start + f * step) % 8) / 8 - 0.45 for f in range(n_frames)], dtype=np.float32)
+    sf.write(str(path), np.repeat(levels, FRAME), SAMPLE_RATE, subtype="FLOAT")
+
+
+def _make_corpus(root, n_convs: int = 6) -> list[dict]:
+    """Conversations of 1-3 turns, 8-20 frames each, as wav files + manifest rows."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for c in range(n_convs):
+        for turn in range(1 + c % 3):
+            name = f"c{c}_t{turn}.wav"
+            _write_wav(root / name, int(rng.integers(8, 20)), int(rng.integers(0, 8)), 1 + turn % 3)
+            text = " ".join(rng.choice(WORDS, size=int(rng.integers(3, 7))))
+            rows.append({"audio": name, "text": text, "speaker": turn % 2, "conversation": f"conv{c}", "turn": turn})
+    return rows
+
+
+def _manifest(path, rows) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    rows = _make_corpus(root)
+    _manifest(root / "manifest.jsonl", rows)
+    tok = train_tokenizer([r["text"] for r in rows] * 4, vocab_size=300)
+    out = root / "prepared"
+    report = D.prepare(root / "manifest.jsonl", out, FakeCodec(), tok, shard_size=5, progress=False)
+    assert report.encoded == len(rows) and not report.bad
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(prepared):
+    return D.load_corpus(prepared, seq_len=256, num_codebooks=K)
+
+
+def _cfg(prepared, out, **kw) -> TrainConfig:
+    base = dict(data=str(prepared), out=str(out), model_config=None, preset=None, seq_len=128, batch_size=2,
+                steps=6, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_fraction=0.0, log_every=1, eval_every=0,
+                save_every=0, amortization=4, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def micro_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "micro.json"
+    path.write_text(json.dumps(MICRO.to_dict()))
+    return str(path)
+
+
+# --- prepare ---------------------------------------------------------------------------------------------------------
+
+
+def test_prepare_reports_bad_files_and_resumes(tmp_path):
+    rows = _make_corpus(tmp_path, n_convs=2)
+    (tmp_path / "corrupt.wav").write_bytes(b"RIFF\x00\x00garbage, not audio")
+    bad_rows = [{"audio": "corrupt.wav", "text": "broken"}, {"audio": "missing.wav", "text": "gone"},
+                {"audio": rows[0]["audio"].replace("t0", "x"), "text": ""}]
+    _manifest(tmp_path / "m.jsonl", rows + bad_rows)
+    tok = train_tokenizer(["hello there"] * 4, vocab_size=300)
+    out = tmp_path / "out"
+    r1 = D.prepare(tmp_path / "m.jsonl", out, FakeCodec(), tok, shard_size=2, progress=False)
+    assert (r1.encoded, r1.already_done, len(r1.bad)) == (len(rows), 0, 3)
+    assert {b[0] for b in r1.bad} == {"corrupt.wav", "missing.wav", "c0_x.wav"}
+    assert len((out / "errors.jsonl").read_text().splitlines()) == 3
+    # Re-run with one more utterance: only that one is encoded; the bad ones are reported again.
+    _write_wav(tmp_path / "new.wav", 10, 0, 1)
+    _manifest(tmp_path / "m.jsonl", rows + bad_rows + [{"audio": "new.wav", "text": "new one"}])
+    r2 = D.prepare(tmp_path / "m.jsonl", out, FakeCodec(), tok, shard_size=2, progress=False)
+    assert (r2.encoded, r2.already_done, len(r2.bad)) == (1, len(rows), 3)
+    corpus = D.load_corpus(out, seq_len=256)
+    assert len(corpus.utterances) == len(rows) + 1
+    u = corpus.utterances[0]
+    assert u.codes.shape[0] == K and u.codes.dtype == torch.int16
+    # A folder input: a wav without transcript is reported, not dropped silently.
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    _write_wav(folder / "a.wav", 10, 0, 1)
+    (folder / "a.txt").write_text("hello")
+    _write_wav(folder / "b.wav", 10, 0, 1)
+    r3 = D.prepare(folder, tmp_path / "out2", FakeCodec(), tok, progress=False)
+    assert r3.encoded == 1 and r3.bad == [("b.wav", "no transcript (b.txt is missing or empty)")]
+
+
+def test_prepare_keeps_work_of_an_interrupted_run(tmp_path):
+    rows = _make_corpus(tmp_path, n_convs=3)  # 1 + 2 + 3 utterances
+    _manifest(tmp_path / "m.jsonl", rows)
+    tok = train_tokenizer(["hello there"] * 4, vocab_size=300)
+
+    class Crashing(FakeCodec):
+        calls = 0
+
+        def encode(self, wav):
+            Crashing.calls += 1
+            if Crashing.calls == 4:
+                raise KeyboardInterrupt
+            return super().encode(wav)
+
+    with pytest.raises(KeyboardInterrupt):
+        D.prepare(tmp_path / "m.jsonl", tmp_path / "out", Crashing(), tok, shard_size=2, progress=False)
+    assert len((tmp_path / "out" / "index.jsonl").read_text().splitlines()) == 3  # 2 in a full shard + 1 flushed
+    again = D.prepare(tmp_path / "m.jsonl", tmp_path / "out", FakeCodec(), tok, shard_size=2, progress=False)
+    assert (again.encoded, again.already_done) == (3, 3)
+    assert len(D.load_corpus(tmp_path / "out", seq_len=256).utterances) == 6
+
+
+def test_prepare_cli(tmp_path, monkeypatch, capsys):
+    from csm.cli import main
+
+    monkeypatch.setattr(D, "load_codec", lambda source, device: FakeCodec())
+    _write_wav(tmp_path / "a.wav", 10, 0, 1)
+    (tmp_path / "a.txt").write_text("hello there")
+    (tmp_path / "b.wav").write_bytes(b"not a wav file at all")
+    (tmp_path / "b.txt").write_text("broken")
+    args = ["prepare", str(tmp_path), "-o", str(tmp_path / "out"), "--codec", "fake", "--train-tokenizer", "300",
+            "--no-progress", "--device", "cpu"]
+    assert main(args) == 0
+    assert "1 utterances encoded, 0 already done, 1 bad file(s) skipped" in capsys.readouterr().err
+    assert main(args[:-5] + ["--no-progress"]) == 0  # re-run: the tokenizer is taken from the output folder
+    assert "0 utterances encoded, 1 already done, 1 bad file(s) skipped" in capsys.readouterr().err
+
+
+def test_frames_match_csm_frames(prepared, corpus):
+    from csm.frames import Segment, conversation_frames
+    from csm.tokenizer import TextTokenizer
+
+    tok = TextTokenizer.from_file(prepared / "tokenizer.json")
+    lines = [json.loads(x) for x in (prepared / "index.jsonl").read_text().splitlines()]
+    ex = max(range(len(corpus.examples)), key=lambda i: len(corpus.examples[i]))  # a multi-turn conversation
+    segs = []
+    for i in corpus.examples[ex]:
+        u = corpus.utterances[i]
+        line = next(x for x in lines if x["conversation"] == u.conversation and x["turn"] == u.turn)
+        segs.append(Segment(line["speaker"], line["text"], u.codes.long()))
+    tokens, mask = corpus.frames(ex)
+    ref_tokens, ref_mask = conversation_frames(tok, segs, K)
+    assert len(segs) > 1 and torch.equal(tokens, ref_tokens) and torch.equal(mask, ref_mask)
+
+
+# --- batches -------------------------------------------------------------------------------------------------------------
+
+
+def test_amortization_selects_fraction_of_audio_frames(corpus):
+    g = torch.Generator().manual_seed(0)
+    idx = D.decoder_frames(160, 16, g)
+    assert len(idx) == 10 and len(set(idx.tolist())) == 10 and idx.max() < 160 and torch.equal(idx, idx.sort().values)
+    assert len(D.decoder_frames(5, 16, g)) == 1  # at least one frame per batch
+    assert len(D.decoder_frames(0, 16, g)) == 0
+    # The candidates are exactly the audio frames (EOS included) of the real examples: never text or padding.
+    batch = D.collate(corpus, [[0, 1], [2]])
+    expected = sum(corpus.utterances[u].codes.shape[1] + 1 for e in (0, 1, 2) for u in corpus.examples[e])
+    assert int(D.audio_targets(batch.mask, K).sum()) == expected
+
+
+def test_packing_masks_positions_and_loss(corpus):
+    ids = [0, 1, 2]
+    packed = D.collate(corpus, [ids])
+    lens = [corpus.lengths[i] for i in ids]
+    assert packed.tokens.shape[1] == sum(lens) and packed.num_frames == sum(lens)
+    starts = np.cumsum([0] + lens)
+    assert torch.equal(packed.input_pos[0], torch.cat([torch.arange(n) for n in lens]))
+    attn = packed.attn_mask[0]
+    for a, b in zip(starts[:-1], starts[1:]):
+        block = attn[a:b, a:b]
+        assert torch.equal(block, torch.ones_like(block).tril())
+        assert not attn[a:b, :a].any() and not attn[a:b, b:].any()
+
+    torch.manual_seed(0)
+    module = CSMLoss(CSM(MICRO)).eval()
+
+    def losses(batch):
+        n = int(D.audio_targets(batch.mask, K).sum())
+        _, c0, dec = module(batch.tokens, batch.mask, batch.input_pos, batch.attn_mask, torch.arange(n))
+        return c0.item(), dec.item(), n
+
+    with torch.no_grad():
+        c0_p, dec_p, n_p = losses(packed)
+        singles = [losses(D.collate(corpus, [[i]])) for i in ids]
+        padded = D.collate(corpus, [[i] for i in ids])  # one per row, padded: plain causal attention
+        assert padded.attn_mask is None
+        c0_pad, dec_pad, _ = losses(padded)
+    n = sum(s[2] for s in singles)
+    assert n_p == n
+    assert c0_p == pytest.approx(sum(s[0] * s[2] for s in singles) / n, abs=1e-5)
+    assert dec_p == pytest.approx(sum(s[1] * s[2] for s in singles) / n, abs=1e-5)
+    assert (c0_pad, dec_pad) == pytest.approx((c0_p, dec_p), abs=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(corpus):
+    torch.manual_seed(0)
+    module = CSMLoss(CSM(MICRO)).train()
+    batch = D.collate(corpus, [[0, 1], [2]])
+    idx = torch.arange(0, int(D.audio_targets(batch.mask, K).sum()), 3)
+    grads = []
+    for flag in (False, True):
+        module.model.backbone.gradient_checkpointing = module.model.decoder.gradient_checkpointing = flag
+        module.zero_grad()
+        module(batch.tokens, batch.mask, batch.input_pos, batch.attn_mask, idx)[0].backward()
+        grads.append([p.grad.clone() for p in module.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_epoch_batches_deterministic(corpus):
+    ex = list(range(len(corpus.examples)))
+    a = D.epoch_batches(ex, corpus.lengths, 128, 2, seed=1, epoch=3)
+    assert a == D.epoch_batches(ex, corpus.lengths, 128, 2, seed=1, epoch=3)
+    assert a != D.epoch_batches(ex, corpus.lengths, 128, 2, seed=1, epoch=4)
+    for batch in a:
+        for row in batch:
+            assert sum(corpus.lengths[i] for i in row) <= 128
+
+
+# --- training ------------------------------------------------------------------------------------------------------------
+
+
+def test_loss_decreases_via_cli(prepared, micro_config, tmp_path):
+    from csm.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["train", "--data", str(prepared), "--out", str(out), "--model-config", micro_config, "--steps", "40",
+               "--seq-len", "128", "--batch-size", "2", "--lr", "3e-3", "--warmup-steps", "4", "--amortization", "4",
+               "--log-every", "1", "--eval-fraction", "0.2", "--eval-every", "20", "--save-every", "0",
+               "--device", "cpu"])
+    assert rc == 0
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert len(losses) == 40 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    evals = [r["eval_loss"] for r in log if "eval_loss" in r]
+    assert len(evals) == 2 and evals[1] < evals[0]
+    assert {"lr", "grad_norm", "frames_per_s", "c0_loss", "decoder_loss"} <= set(log[0])
+    model, _ = load_checkpoint(out / "step-000040")
+    assert model.cfg == MICRO and (out / "step-000040" / "tokenizer.json").is_file()
+
+
+def test_resume_gives_the_same_losses(prepared, micro_config, tmp_path):
+    full = train(_cfg(prepared, tmp_path / "a", model_config=micro_config, save_every=3, grad_accum=2))
+    resumed = train(_cfg(prepared, tmp_path / "b", model_config=micro_config, grad_accum=2,
+                         resume=str(tmp_path / "a" / "step-000003")))
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    for r, ref in zip(resumed, full[3:]):
+        assert r["loss"] == pytest.approx(ref["loss"], abs=1e-6, rel=0)
+    a, _ = load_checkpoint(tmp_path / "a" / "step-000006")
+    b, _ = load_checkpoint(tmp_path / "b" / "step-000006")
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(va, vb, atol=1e-6, rtol=0), k
+
+
+def test_lora_trains_only_adapters_and_merges(prepared, tmp_path):
+    torch.manual_seed(0)
+    base = CSM(MICRO)
+    save_checkpoint(base, tmp_path / "base")
+    train(_cfg(prepared, tmp_path / "lora", init=str(tmp_path / "base"), lora_rank=4, lora_alpha=8, steps=8,
+               lr=1e-2))
+    ckpt = tmp_path / "lora" / "step-000008"
+    from safetensors.torch import load_file
+
+    adapters = load_file(str(ckpt / "adapters.safetensors"))
+    assert adapters and all(".lora_" in k for k in adapters)
+    assert all(v.abs().sum() > 0 for k, v in adapters.items() if k.endswith("lora_b"))  # adapters did train
+
+    # The adapted model: base weights + adapters. Its base weights are untouched.
+    adapted, _ = load_checkpoint(tmp_path / "base")
+    apply_lora(adapted, rank=4, alpha=8)
+    adapted.load_state_dict(adapters, strict=False)
+    for k, v in base.state_dict().items():
+        assert torch.equal(adapted.state_dict()[k], v), k
+    merged, _ = load_checkpoint(ckpt)
+    changed = {k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])}
+    assert changed and all(".attn.w" in k or ".mlp.w" in k for k in changed)
+
+    corpus = D.load_corpus(prepared, seq_len=128, num_codebooks=K)
+    batch = D.collate(corpus, [[0, 1], [2]])
+    with torch.no_grad():
+        ha, la = adapted.eval().backbone_forward(batch.tokens, batch.mask, batch.input_pos, batch.attn_mask)
+        hm, lm = merged.backbone_forward(batch.tokens, batch.mask, batch.input_pos, batch.attn_mask)
+        codes = batch.tokens[0, :, :K]
+        da, dm = adapted.decoder_logits(ha[0], codes), merged.decoder_logits(hm[0], codes)
+    assert torch.allclose(la, lm, atol=1e-5) and torch.allclose(da, dm, atol=1e-5)
+    assert not torch.allclose(la, base.eval().backbone_forward(batch.tokens, batch.mask, batch.input_pos,
+                                                               batch.attn_mask)[1], atol=1e-4)
+
+    # Resuming a LoRA run restores the adapters and continues.
+    more = train(_cfg(prepared, tmp_path / "lora2", init=str(tmp_path / "base"), lora_rank=4, lora_alpha=8, steps=9,
+                      lr=1e-2, resume=str(ckpt)))
+    assert [r["step"] for r in more] == [9]
+
+
+# --- torchrun --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_torchrun_two_processes_match_gradient_accumulation(prepared, micro_config, tmp_path, fsdp):
+    """2 CPU processes (gloo) x 1 micro-batch == 1 process x 2 accumulated micro-batches: same data, same update."""
+    import os
+    import subprocess
+    import sys
+
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    # One eval batch: the second process has none to evaluate and must still keep step with the first.
+    common = dict(model_config=micro_config, batch_size=1, pack=False, steps=3, save_every=0, eval_fraction=0.2,
+                  eval_batches=1)
+    ref = train(_cfg(prepared, tmp_path / "single", grad_accum=2, **common))
+    out = tmp_path / "multi"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "csm.cli",
+           "train", "--data", str(prepared), "--out", str(out), "--model-config", micro_config, "--steps", "3",
+           "--seq-len", "128", "--batch-size", "1", "--no-pack", "--lr", "3e-3", "--min-lr", "3e-4",
+           "--warmup-steps", "2", "--amortization", "4", "--eval-fraction", "0.2", "--eval-batches", "1", "--log-every", "1",
+           "--device", "cpu", "--fsdp" if fsdp else "--no-fsdp"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in ref], abs=1e-5)
+    assert log[-1]["eval_loss"] == pytest.approx(ref[-1]["eval_loss"], abs=1e-5)
+    a, _ = load_checkpoint(tmp_path / "single" / "step-000003")
+    b, _ = load_checkpoint(out / "step-000003")
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(va, vb, atol=1e-5), k
