@@ -162,3 +162,20 @@ def test_compiled_step_equals_eager(tokenizer):
         a = eager.generate("hello there", 0, max_audio_length_ms=640, **kw).codes
         b = compiled.generate("hello there", 0, max_audio_length_ms=640, **kw).codes
         assert a.shape == (4, 8) and torch.equal(a, b)
+
+
+def test_stream_chunks_concatenate_to_the_one_shot_audio(tokenizer):
+    from dataclasses import replace
+
+    from csm.generate import Request
+    from csm.mimi import Mimi, preset
+
+    torch.manual_seed(0)
+    codec = Mimi(replace(preset("tiny"), num_codebooks=32, codebook_size=2048)).eval()
+    gen = Generator(CSM(get_config("tiny")), tokenizer, codec)
+    req = Request("hello there", 0, max_audio_length_ms=7 * 80, seed=4)
+    one_shot = gen.generate_batch([req])[0]
+    chunks = list(gen.stream(req, chunk_frames=3))
+    hop = codec.frame_size
+    assert [len(c) for c in chunks] == [3 * hop, 3 * hop, hop]  # 7 frames: 3 + 3 + 1
+    torch.testing.assert_close(torch.cat(chunks), one_shot.audio, atol=1e-5, rtol=0)
