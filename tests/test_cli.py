@@ -53,4 +53,12 @@ def test_say_writes_a_wav_with_the_codec_beside_the_model(tiny_ckpt, tmp_path):
 def test_say_reports_bad_model_path(tmp_path):
     res = run(sys.executable, "-m", "csm.cli", "say", "Hi", "--model", str(tmp_path / "missing"), "--codec", "none",
               check=False)
-    assert res.returncode == 2 and "does not exist" in res.stderr
+    assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_say_reports_bad_context(tiny_ckpt, tmp_path):
+    bad = tmp_path / "bad.wav"
+    bad.write_text("not audio")
+    res = run(sys.executable, "-m", "csm.cli", "say", "Hi", "--model", str(tiny_ckpt), "--context", f"1:Hello:{bad}",
+              check=False)
+    assert res.returncode == 2 and "bad.wav: not a readable audio file" in res.stderr and "Traceback" not in res.stderr

@@ -128,11 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "model", "") is None and args.command == "say":
-        from .assets import default_model
-
-        args.model = default_model()
     try:
+        if args.command == "say" and args.model is None:
+            from .assets import default_model
+
+            args.model = default_model()
         return args.func(args) or 0
     except (ValueError, FileNotFoundError) as e:
         print(f"csm {args.command}: error: {e}", file=sys.stderr)
