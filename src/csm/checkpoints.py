@@ -365,8 +365,14 @@ def load_checkpoint(
     return model.eval(), codec
 
 
-def save_checkpoint(
-    model: CSM,
+def save_checkpoint(model: CSM, directory: str | os.PathLike, **kwargs) -> Path:
+    """Write a model as `model.safetensors` + `config.json` (see `save_state_dict` for the options)."""
+    return save_state_dict(model.cfg, model.state_dict(), directory, **kwargs)
+
+
+def save_state_dict(
+    cfg: CSMConfig,
+    state_dict: dict[str, torch.Tensor],
     directory: str | os.PathLike,
     *,
     layout: str = "csm",
@@ -374,7 +380,8 @@ def save_checkpoint(
     extra_tensors: dict[str, torch.Tensor] | None = None,
     extra_config: dict | None = None,
 ) -> Path:
-    """Write `model.safetensors` + `config.json` in `layout` into `directory` (created). Returns the directory.
+    """Write weights in our key names (e.g. merged LoRA or gathered FSDP weights) as `model.safetensors` +
+    `config.json` in `layout` into `directory` (created). Returns the directory.
 
     extra_tensors / extra_config are merged in verbatim (e.g. `codec_model.*` weights and `codec_config` for a
     transformers checkpoint that carries its codec).
@@ -383,13 +390,13 @@ def save_checkpoint(
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
-    out = convert_from_ours(sd, model.cfg, layout)
+    sd = {k: v.detach() for k, v in state_dict.items()}
+    out = convert_from_ours(sd, cfg, layout)
     out.update(extra_tensors or {})
     # safetensors refuses aliased tensors: give every entry its own contiguous storage.
     out = {k: v.to(dtype or v.dtype).contiguous().clone().cpu() for k, v in out.items()}
     save_file(out, str(directory / "model.safetensors"), metadata={"format": "pt", "layout": layout})
-    meta = config_to_json(model.cfg, layout)
+    meta = config_to_json(cfg, layout)
     meta.update(extra_config or {})
     (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     return directory

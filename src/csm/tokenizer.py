@@ -8,7 +8,6 @@ which tokenizer.json was shipped.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Iterable
 
 from tokenizers import Tokenizer
@@ -76,6 +75,3 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> TextTokenize
     tok.train_from_iterator(texts, trainer=trainer)
     return TextTokenizer(tok)
 
-
-def tokenizer_path(directory: str | os.PathLike) -> Path:
-    return Path(directory) / "tokenizer.json"

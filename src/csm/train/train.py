@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoints import load_checkpoint, save_checkpoint
+from ..checkpoints import load_checkpoint, save_state_dict
 from ..config import CSMConfig, get_config
 from ..model import CSM
 from . import lora as lora_lib
@@ -204,16 +204,6 @@ def _full_state_dict(module: nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in _unwrap(module).model.state_dict().items()}
 
 
-class _Weights:
-    """What save_checkpoint reads from a model (its config and state dict), for merged LoRA weights."""
-
-    def __init__(self, cfg: CSMConfig, sd: dict[str, torch.Tensor]) -> None:
-        self.cfg, self._sd = cfg, sd
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self._sd
-
-
 def save_training_checkpoint(
     cfg: TrainConfig, module: nn.Module, optimizer: torch.optim.Optimizer, state: dict, d: Dist, data_dir: Path
 ) -> Path | None:
@@ -238,13 +228,13 @@ def save_training_checkpoint(
 
         trainable = {k for k, p in _unwrap(module).model.named_parameters() if p.requires_grad}
         adapters = {k: v for k, v in sd.items() if k in trainable}
-        save_checkpoint(_Weights(model_cfg, lora_lib.merge_state_dict(sd, cfg.lora_alpha / cfg.lora_rank)), tmp)
+        save_state_dict(model_cfg, lora_lib.merge_state_dict(sd, cfg.lora_alpha / cfg.lora_rank), tmp)
         save_file({k: v.contiguous().cpu() for k, v in adapters.items()}, str(tmp / ADAPTERS_FILE))
         lora_meta = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": list(lora_lib.TARGETS),
                      "train_heads": cfg.lora_train_heads, "base": cfg.init or cfg.preset or cfg.model_config}
         (tmp / LORA_FILE).write_text(json.dumps(lora_meta, indent=2) + "\n")
     else:
-        save_checkpoint(_Weights(model_cfg, sd), tmp)
+        save_state_dict(model_cfg, sd, tmp)
     shutil.copy(data_dir / TOKENIZER, tmp / TOKENIZER)
     torch.save({**state, "world_size": d.world, "optimizer": opt_state, "config": dataclasses.asdict(cfg)},
                tmp / STATE_FILE)
