@@ -177,6 +177,13 @@ def run(args: argparse.Namespace) -> int:
     compile_ = {"auto": None, "on": True, "off": False}[args.compile]
 
     model, tokenizer = _build(args, device, dtype)
+    reference = None
+    if args.quantize:
+        from .quantize import quantize_int8
+
+        if not args.no_transformers:  # transformers runs the unquantized weights, built before we quantize
+            reference = bench_transformers(model, tokenizer, args.text, frames)
+        quantize_int8(model)
     gen = Generator(model, tokenizer, _codec(args, device), compile=compile_)
     print(f"benchmarking {args.model or args.preset} ({model.num_parameters() / 1e6:.0f} M params, {dtype}) on "
           f"{_device_name(device)}; compile={gen.compile}; {frames} frames", file=sys.stderr)
@@ -186,11 +193,12 @@ def run(args: argparse.Namespace) -> int:
         "dtype": str(dtype).removeprefix("torch."),
         "model": args.model or args.preset,
         "compile": gen.compile,
+        "quantize": args.quantize,
         "text": args.text,
         "ours": {k: v for k, v in ours.items() if k != "codes"},
     }
     if not args.no_transformers:
-        ref = bench_transformers(model, tokenizer, args.text, frames)
+        ref = reference or bench_transformers(model, tokenizer, args.text, frames)
         n = min(ref["codes"].shape[1], ours["codes"].shape[1])
         result["transformers"] = {k: v for k, v in ref.items() if k != "codes"}
         result["transformers"]["same_codes"] = bool(torch.equal(ref["codes"][:, :n], ours["codes"][:, :n]))
@@ -226,7 +234,7 @@ def format_table(r: dict) -> str:
         rows.append(("transformers ms/frame", f"{t['ms_per_frame']:.1f} (RTF {t['rtf']:.3f})"))
         rows.append(("speedup", f"{r['speedup_vs_transformers']:.2f}x; same greedy codes: {t['same_codes']}"))
     width = max(len(k) for k, _ in rows)
-    head = f"{r['model']} on {r['device']} ({r['dtype']}, compile={r['compile']})"
+    head = f"{r['model']} on {r['device']} ({r['dtype']}, compile={r['compile']}, quantize={r['quantize']})"
     return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in rows])
 
 
@@ -240,6 +248,8 @@ def add_subcommand(sub) -> None:
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--chunk-frames", type=int, default=1, help="frames in the first streamed audio chunk")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weight-only linears for our engine (transformers keeps full precision)")
     p.add_argument("--text", default=DEFAULT_TEXT)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
