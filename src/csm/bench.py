@@ -177,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
     compile_ = {"auto": None, "on": True, "off": False}[args.compile]
 
     model, tokenizer = _build(args, device, dtype)
+    n_params = model.num_parameters()  # before quantization turns weights into int8 buffers
     reference = None
     if args.quantize:
         from .quantize import quantize_int8
@@ -185,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
             reference = bench_transformers(model, tokenizer, args.text, frames)
         quantize_int8(model)
     gen = Generator(model, tokenizer, _codec(args, device), compile=compile_)
-    print(f"benchmarking {args.model or args.preset} ({model.num_parameters() / 1e6:.0f} M params, {dtype}) on "
+    print(f"benchmarking {args.model or args.preset} ({n_params / 1e6:.0f} M params, {dtype}) on "
           f"{_device_name(device)}; compile={gen.compile}; {frames} frames", file=sys.stderr)
     ours = bench_ours(gen, args.text, frames, batch_sizes, args.chunk_frames)
     result = {
