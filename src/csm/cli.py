@@ -10,7 +10,7 @@ from pathlib import Path
 
 # Modules that add subcommands through `add_subcommand(subparsers)`. Missing ones are skipped, so the CLI works
 # while a capability is being built.
-SUBCOMMAND_MODULES = ("csm.train.cli", "csm.evaluate", "csm.bench", "csm.serve.cli")
+SUBCOMMAND_MODULES = ("csm.train.cli", "csm.train.codec", "csm.evaluate", "csm.bench", "csm.serve.cli")
 
 
 def _say(args: argparse.Namespace) -> int:

@@ -281,6 +281,10 @@ def save_mimi(model: Mimi, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
-    meta = {"model_type": "mimi", "architectures": ["MimiModel"], **model.cfg.to_transformers()}
-    (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (directory / "config.json").write_text(json.dumps(mimi_config_json(model.cfg), indent=2) + "\n")
     return directory
+
+
+def mimi_config_json(cfg: MimiConfig) -> dict:
+    """A transformers-style config.json that `load_mimi` (and transformers' MimiModel) read."""
+    return {"model_type": "mimi", "architectures": ["MimiModel"], **cfg.to_transformers(), "frame_rate": cfg.frame_rate}

@@ -54,20 +54,25 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_prepare)
 
     t = subparsers.add_parser("train", help="train or fine-tune (full or LoRA) on prepared data; torchrun for multi-GPU")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
+    add_config_flags(t, TrainConfig, HELP)
+    t.set_defaults(func=_train)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls, help: dict[str, str]) -> None:
+    """One --flag per field of a training-config dataclass (bools get --x/--no-x; `resume` takes an optional DIR)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
         flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
         required = f.default is dataclasses.MISSING
         if kind is bool:
-            t.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=HELP.get(f.name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help.get(f.name))
         elif f.name == "resume":
-            t.add_argument(flag, nargs="?", const="latest", default=None, metavar="DIR", help=HELP[f.name])
+            parser.add_argument(flag, nargs="?", const="latest", default=None, metavar="DIR", help=help[f.name])
         else:
             base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # str | None -> str
             default = None if required else f.default
-            text = " ".join(x for x in (HELP.get(f.name), f"(default: {default})" if default is not None else "") if x)
-            t.add_argument(flag, type=base, required=required, default=default, help=text or None)
-    t.set_defaults(func=_train)
+            text = " ".join(x for x in (help.get(f.name), f"(default: {default})" if default is not None else "") if x)
+            parser.add_argument(flag, type=base, required=required, default=default, help=text or None)
 
 
 def _prepare(args: argparse.Namespace) -> int:

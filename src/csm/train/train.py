@@ -116,11 +116,12 @@ class CSMLoss(nn.Module):
         return c0 + self.decoder_loss_weight * dec, c0.detach(), dec.detach()
 
 
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at cfg.steps."""
+def lr_at(cfg, step: int, time_fraction: float = 0.0) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at cfg.steps (or, with a time budget, when that is
+    spent: progress is the larger of the two fractions). Shared by the CSM and codec trainers."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    progress = min(1.0, max(time_fraction, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)))
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
@@ -241,22 +242,23 @@ def save_training_checkpoint(
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     if cfg.keep_checkpoints > 0:
-        for old in _checkpoint_dirs(Path(cfg.out))[: -cfg.keep_checkpoints]:
+        for old in checkpoint_dirs(Path(cfg.out))[: -cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def _checkpoint_dirs(out: Path) -> list[Path]:
+def checkpoint_dirs(out: Path) -> list[Path]:
     return sorted(p for p in out.glob("step-*") if (p / STATE_FILE).is_file() and not p.name.endswith(".tmp"))
 
 
-def find_resume_dir(cfg: TrainConfig) -> Path:
+def find_resume_dir(cfg) -> Path:
+    """cfg.resume as a checkpoint directory, or for "latest" the newest complete one in cfg.out."""
     if cfg.resume != "latest":
         path = Path(cfg.resume)
         if not (path / STATE_FILE).is_file():
             raise FileNotFoundError(f"{path}: not a training checkpoint (no {STATE_FILE})")
         return path
-    dirs = _checkpoint_dirs(Path(cfg.out))
+    dirs = checkpoint_dirs(Path(cfg.out))
     if not dirs:
         raise FileNotFoundError(f"--resume latest: no checkpoint with {STATE_FILE} in {cfg.out}")
     return dirs[-1]

@@ -1,0 +1,200 @@
+"""Codec training (csm.train.codec): the tiny Mimi preset on synthetic audio, all on CPU in well under a minute."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from csm.mimi import load_mimi
+from csm.mimi.config import preset
+from csm.train.codec import (
+    ClipSet, CodecModel, CodecTrainConfig, EMACodebooks, MultiScaleMelLoss, add_subcommand, audio_paths,
+    mel_filterbank, parse_mel_scales, quantize_train, train_codec,
+)
+
+SR = 24_000
+
+
+def synth_clips(n: int, seconds: float, seed: int = 0) -> list[torch.Tensor]:
+    """Harmonic tones with vibrato and an amplitude envelope: speech-like enough for a codec to learn."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(int(seconds * SR)) / SR
+    clips = []
+    for _ in range(n):
+        f0 = 100 + 150 * torch.rand((), generator=g)
+        phase = 2 * math.pi * torch.cumsum(f0 * (1 + 0.05 * torch.sin(2 * math.pi * 3 * t)), 0) / SR
+        x = sum((0.5 / k) * torch.sin(k * phase) for k in range(1, 6))
+        env = 0.5 * (1 - torch.cos(2 * math.pi * t * (1 + 2 * torch.rand((), generator=g)))) + 0.1
+        clips.append((0.2 * env * x).float())
+    return clips
+
+
+def tiny_cfg(out, **kw) -> CodecTrainConfig:
+    base = dict(data="unused", out=str(out), preset="tiny", segment_frames=40, batch_size=4, steps=40, lr=3e-3,
+                min_lr=3e-4, warmup_steps=5, log_every=1, eval_every=0, save_every=0, threads=1, progress=False,
+                mel_scales="256,512", eval_clips=2)
+    base.update(kw)
+    return CodecTrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("codec")
+    clips = ClipSet(synth_clips(6, 0.6))
+    evals = synth_clips(2, 0.4, seed=1)
+    records = train_codec(tiny_cfg(out), clips=clips, eval_clips=evals)
+    return out, records, evals
+
+
+def test_loss_decreases(trained):
+    _, records, _ = trained
+    mel = [r["mel_loss"] for r in records if "mel_loss" in r]
+    assert len(mel) == 40
+    first, last = sum(mel[:5]) / 5, sum(mel[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    final = records[-1]
+    assert {"val_mel_l1", "val_snr", "val_code_perplexity"} <= set(final)
+    assert math.isfinite(final["val_mel_l1"])
+
+
+def test_checkpoint_loads_with_load_mimi(trained):
+    out, _, evals = trained
+    ckpt = out / "step-000040"
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["model_type"] == "mimi"
+    mimi = load_mimi(ckpt)
+    assert mimi.cfg == preset("tiny")
+    x = evals[0][: mimi.frame_size * 3]
+    codes = mimi.encode(x)
+    assert codes.shape == (4, 3) and codes.max() < mimi.cfg.codebook_size
+    y = mimi.decode(codes)
+    assert y.shape == (3 * mimi.frame_size,) and torch.isfinite(y).all()
+    assert mimi.decode(codes[:1]).shape == y.shape  # semantic codebook only
+    # The transformers-layout export holds Mimi's EMA codebook tensors and round-trips exactly.
+    from safetensors.torch import load_file
+
+    sd = load_file(str(ckpt / "model.safetensors"))
+    assert "quantizer.semantic_residual_vector_quantizer.layers.0.codebook.embed_sum" in sd
+    assert "quantizer.acoustic_residual_vector_quantizer.layers.2.codebook.cluster_usage" in sd
+    model = CodecModel(preset("tiny"))
+    model.load_export(sd)
+    assert torch.equal(model.mimi.encode(x), codes)
+
+
+def test_training_codes_match_inference_codes():
+    torch.manual_seed(0)
+    model = CodecModel(preset("tiny")).eval()
+    cfg = tiny_cfg("unused")
+    latent = torch.randn(2, model.cfg.dim, 7, requires_grad=True)
+    keep = torch.ones(2, 3, dtype=torch.bool)
+    with torch.no_grad():  # a first training call initialises the codebooks from the batch and updates them
+        quantize_train(model.mimi.quantizer.acoustic, model.acoustic_books, latent, keep, cfg)
+    q, commit, codes, _ = quantize_train(model.mimi.quantizer.acoustic, model.acoustic_books, latent, keep, cfg,
+                                         update=False)
+    model.sync_codebooks()
+    with torch.no_grad():
+        ref = model.mimi.quantizer.acoustic.encode(latent, 3)
+    assert torch.equal(codes, ref)
+    # straight-through: the reconstruction's gradient reaches the latent, and so does the commitment loss'
+    (q.square().sum() + commit).backward()
+    assert latent.grad is not None and latent.grad.abs().sum() > 0
+    # without the straight-through the forward value is the dequantized latent
+    with torch.no_grad():
+        assert torch.allclose(q, model.mimi.quantizer.acoustic.decode(codes), atol=1e-5)
+
+
+def test_ema_update_and_dead_code_replacement():
+    books = EMACodebooks(1, 4, 2)
+    vecs = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [3.0, 3.0]])
+    books.init_from(0, vecs)  # 4 vectors, 4 codes: each vector once, usage 1
+    assert torch.allclose(books.cluster_usage[0], torch.ones(4))
+    assert sorted(books.codebook(0).tolist()) == sorted(vecs.tolist())
+    cb = books.codebook(0).clone()
+    # Two batch vectors near code 0, none for the others; decay 0.5.
+    target = cb[0]
+    batch = torch.stack([target + 0.2, target - 0.1 + 0.1])
+    idx = torch.zeros(2, dtype=torch.long)
+    replaced = books.update(0, batch, idx, decay=0.5, dead_ratio=0.0)
+    assert replaced == 0
+    assert torch.allclose(books.cluster_usage[0], torch.tensor([1.5, 0.5, 0.5, 0.5]))
+    expected0 = 0.5 * target + 0.5 * batch.sum(0)
+    assert torch.allclose(books.embed_sum[0, 0], expected0)
+    assert torch.allclose(books.codebook(0)[0], expected0 / 1.5)
+    assert torch.allclose(books.codebook(0)[1:], cb[1:])  # unused codes: usage and sum decay together
+    # Dead codes: after more batches without them, codes 1..3 fall below 0.5 x mean usage and are replaced
+    # by batch vectors.
+    torch.manual_seed(0)
+    new_batch = torch.tensor([[10.0, 10.0], [10.0, 10.0]])
+    replaced = books.update(0, new_batch, idx, decay=0.5, dead_ratio=0.5)
+    assert replaced == 3
+    cb = books.codebook(0)
+    for i in (1, 2, 3):
+        assert torch.allclose(cb[i], torch.tensor([10.0, 10.0]))
+    mean = books.cluster_usage[0].sum() / 4
+    assert torch.all(books.cluster_usage[0] >= 0.5 * mean - 1e-6)
+
+
+def test_resume_continues_identically(tmp_path):
+    clips = ClipSet(synth_clips(4, 0.5, seed=3))
+    kw = dict(steps=6, segment_frames=20, batch_size=2, save_every=3, warmup_steps=2)
+    full = train_codec(tiny_cfg(tmp_path / "a", **kw), clips=clips)
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "step-000003", tmp_path / "b" / "step-000003")
+    resumed = train_codec(tiny_cfg(tmp_path / "b", resume="latest", **kw), clips=clips)
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    for a, b in zip(full[3:], resumed):
+        assert a["step"] == b["step"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+    a_sd = load_mimi(tmp_path / "a" / "step-000006").state_dict()
+    b_sd = load_mimi(tmp_path / "b" / "step-000006").state_dict()
+    for k in a_sd:
+        assert torch.allclose(a_sd[k], b_sd[k], atol=1e-5), k
+
+
+def test_adversarial_step_runs(tmp_path):
+    clips = ClipSet(synth_clips(2, 0.5, seed=4))
+    records = train_codec(tiny_cfg(tmp_path, steps=2, segment_frames=20, batch_size=2, adversarial=True,
+                                   save_every=2), clips=clips)
+    assert {"adv", "feat", "disc_loss"} <= set(records[-1])
+    state = torch.load(tmp_path / "step-000002" / "train_state.pt", weights_only=True)
+    assert "discriminator" in state
+
+
+def test_mel_filterbank_and_loss():
+    fb = mel_filterbank(512, 64, SR)
+    assert fb.shape == (64, 257) and (fb.sum(1) > 0).all()
+    assert parse_mel_scales("256,1024") == ((256, 32), (1024, 80))
+    loss = MultiScaleMelLoss(SR, parse_mel_scales("256,512"))
+    x = synth_clips(1, 0.3)[0][None]
+    assert float(loss(x, x)) == 0.0
+    assert float(loss(0.5 * x, x)) > 0.1
+
+
+def test_data_and_cli(tmp_path):
+    import soundfile as sf
+
+    for i, clip in enumerate(synth_clips(2, 0.3)):
+        sf.write(str(tmp_path / f"c{i}.wav"), clip.numpy(), 16_000)  # resampled to 24 kHz on load
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"audio": f"c{i}.wav", "text": "x"}) + "\n" for i in range(2)))
+    assert len(audio_paths(tmp_path)) == 2 and len(audio_paths(tmp_path / "m.jsonl")) == 2
+    clips = ClipSet.load(audio_paths(tmp_path / "m.jsonl"), SR)
+    assert len(clips.clips[0]) == int(0.3 * SR) * 3 // 2  # 7200 samples written at 16 kHz: 0.45 s at 24 kHz
+    batch = clips.batch(3, 10_000, torch.Generator().manual_seed(0))  # longer than the clips: zero-padded
+    assert batch.shape == (3, 1, 10_000)
+    p = argparse.ArgumentParser()
+    add_subcommand(p.add_subparsers(dest="command"))
+    args = p.parse_args(["train-codec", "--data", "d", "--out", "o", "--steps", "5", "--adversarial", "--resume"])
+    assert args.steps == 5 and args.adversarial and args.resume == "latest" and args.preset == "embedded"
+
+
+def test_registers_in_csm_cli():
+    import csm.cli
+
+    assert "csm.train.codec" in csm.cli.SUBCOMMAND_MODULES
+    args = csm.cli.build_parser().parse_args(["train-codec", "--data", "d", "--out", "o"])
+    assert args.command == "train-codec" and args.preset == "embedded" and callable(args.func)
