@@ -62,3 +62,12 @@ def test_say_reports_bad_context(tiny_ckpt, tmp_path):
     res = run(sys.executable, "-m", "csm.cli", "say", "Hi", "--model", str(tiny_ckpt), "--context", f"1:Hello:{bad}",
               check=False)
     assert res.returncode == 2 and "bad.wav: not a readable audio file" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_say_without_a_codec_writes_codes(tmp_path):
+    ckpt = tmp_path / "nocodec"
+    run(sys.executable, "scripts/make_tiny_checkpoint.py", str(ckpt), "--no-codec")
+    res = run(sys.executable, "-m", "csm.cli", "say", "Hi.", "--model", str(ckpt), "-o", str(tmp_path / "x.wav"),
+              "--max-ms", "160", "--seed", "0")
+    assert res.stdout.strip() == str(tmp_path / "x.npy") and "no audio codec found" in res.stderr
+    assert np.load(tmp_path / "x.npy").shape[0] == 32

@@ -283,7 +283,7 @@ def test_generation_mode_end_to_end(tmp_path, monkeypatch):
     tokenizer = train_tokenizer(["hello there, how are you today?", "fine thanks, line of speaker"] * 5, 300)
     torch.manual_seed(0)
     model = CSM(get_config("tiny"))
-    monkeypatch.setattr(ev, "_load_codec", lambda source, device: _FakeCodec())
+    monkeypatch.setattr(ev, "_load_codec", lambda model, codec, device: _FakeCodec())
     def fake_load(source, device=None, codec=None):
         return generate.Generator(model, tokenizer, codec, compile=False)
 

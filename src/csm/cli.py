@@ -56,23 +56,17 @@ def _say(args: argparse.Namespace) -> int:
 
 
 def _load_codec(args: argparse.Namespace, device: str):
-    """--codec, else the codec that travels with the model: a `codec/` directory beside the weights, or the
-    `codec_model.*` tensors of a transformers CSM checkpoint. None (codes only) when there is none."""
+    """--codec, else the codec that travels with the model; None (codes only) when there is none."""
     if args.codec == "none":
         return None
-    from .hub import ModelFilesNotFound
-    from .mimi import MimiWeightsError, load_mimi
+    from .mimi import load_mimi, load_model_codec
 
     if args.codec:
         return load_mimi(args.codec, device=device)
-    local = Path(args.model) / "codec"
-    for source in ([local] if local.is_dir() else []) + [args.model]:
-        try:
-            return load_mimi(source, device=device)
-        except (ModelFilesNotFound, MimiWeightsError):
-            continue
-    print(f"no audio codec found with {args.model} (pass --codec): writing Mimi codes, not audio", file=sys.stderr)
-    return None
+    codec = load_model_codec(args.model, device=device)
+    if codec is None:
+        print(f"no audio codec found with {args.model} (pass --codec): writing Mimi codes, not audio", file=sys.stderr)
+    return codec
 
 
 def _context_segment(gen, spec: str):

@@ -615,14 +615,16 @@ def _speaker_references(encoder, refs: dict[int, list[CorpusClip]], timings: dic
     return references, matrix
 
 
-def _load_codec(source: str, device: str | None):
+def _load_codec(model: str, codec: str | None, device: str | None):
     try:
-        import csm.mimi as mimi
+        from .mimi import load_mimi, load_model_codec
     except ImportError as e:
         raise ValueError(f"csm eval needs the Mimi codec (csm.mimi failed to import: {e})") from e
-    if hasattr(mimi, "load_codec"):
-        return mimi.load_codec(source, device=device)
-    return mimi.load_mimi(source, device=device)
+    device = device or "cpu"
+    found = load_mimi(codec, device=device) if codec else load_model_codec(model, device=device)
+    if found is None:
+        raise ValueError(f"no audio codec found with {model}: pass --codec")
+    return found
 
 
 def run_eval(args: argparse.Namespace) -> Report:
@@ -703,9 +705,9 @@ def _generate(args, corpus: list[CorpusClip] | None, timings: dict):
 
         model = default_model()
     t0 = time.perf_counter()
-    codec = None if args.codec == "none" else _load_codec(args.codec or model, args.device)
-    if codec is None:
+    if args.codec == "none":
         raise ValueError("csm eval needs an audio codec to score speech (got --codec none)")
+    codec = _load_codec(model, args.codec, args.device)
     gen = load_generator(model, device=args.device, codec=codec)
     timings["model_load_s"] = round(time.perf_counter() - t0, 2)
 

@@ -9,7 +9,15 @@
 
 from .config import PRESETS, MimiConfig, preset
 from .model import Mimi, MimiDecodeStream, MimiEncodeStream
-from .weights import MimiWeightsError, convert_state_dict, load_into, load_mimi, read_state_dict, save_mimi
+from .weights import (
+    MimiWeightsError,
+    convert_state_dict,
+    load_into,
+    load_mimi,
+    load_model_codec,
+    read_state_dict,
+    save_mimi,
+)
 
 load_codec = load_mimi  # the name csm.cli / csm.evaluate look up
 
@@ -24,6 +32,7 @@ __all__ = [
     "load_codec",
     "load_into",
     "load_mimi",
+    "load_model_codec",
     "preset",
     "read_state_dict",
     "save_mimi",

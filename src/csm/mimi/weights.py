@@ -288,3 +288,15 @@ def save_mimi(model: Mimi, directory: str | os.PathLike) -> Path:
 def mimi_config_json(cfg: MimiConfig) -> dict:
     """A transformers-style config.json that `load_mimi` (and transformers' MimiModel) read."""
     return {"model_type": "mimi", "architectures": ["MimiModel"], **cfg.to_transformers(), "frame_rate": cfg.frame_rate}
+
+
+def load_model_codec(model_source: str | os.PathLike, *, device: str | torch.device = "cpu") -> Mimi | None:
+    """The codec that travels with a CSM checkpoint: a `codec/` directory beside its weights, or the `codec_model.*`
+    tensors of a transformers CSM checkpoint (e.g. sesame/csm-1b). None when the checkpoint carries no codec."""
+    local = Path(model_source).expanduser() / "codec"
+    for source in ([local] if local.is_dir() else []) + [model_source]:
+        try:
+            return load_mimi(source, device=device)
+        except (ModelFilesNotFound, MimiWeightsError):
+            continue
+    return None
