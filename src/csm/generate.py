@@ -144,7 +144,7 @@ class Generator:
         self.num_codebooks = model.cfg.audio_num_codebooks
         self.sample_rate = codec.sample_rate if codec is not None else 24_000
         self.compile = self.device.type == "cuda" if compile is None else compile
-        self._steps: dict[int, tuple[_FrameStep, Callable, Callable]] = {}
+        self._step: tuple[int, _FrameStep, Callable, Callable] | None = None  # (batch size, ...), see _step_fns
 
     @property
     def device(self) -> torch.device:
@@ -193,16 +193,17 @@ class Generator:
 
     # --- the engine -------------------------------------------------------------------------------------
     def _step_fns(self, batch_size: int) -> tuple[_FrameStep, Callable, Callable]:
-        """Per batch size: caches + the frame functions, compiled when asked (compiled once, reused)."""
-        if batch_size not in self._steps:
+        """Caches + the frame functions (compiled when asked) for this batch size. Only the latest batch size's are
+        kept, so caches of an old size do not pile up; a repeated size reuses them (and their compilation)."""
+        if self._step is None or self._step[0] != batch_size:
             m = self.model
             step = _FrameStep(m, m.backbone.new_cache(batch_size), m.decoder.new_cache(batch_size))
             first, nxt = step.frame_from_hidden, step.forward
             if self.compile:
                 first = torch.compile(first, mode="reduce-overhead", fullgraph=True, dynamic=False)
                 nxt = torch.compile(nxt, mode="reduce-overhead", fullgraph=True, dynamic=False)
-            self._steps = {batch_size: (step, first, nxt)}  # keep one batch size's caches alive at a time
-        return self._steps[batch_size]
+            self._step = (batch_size, step, first, nxt)
+        return self._step[1:]
 
     @torch.inference_mode()
     def iter_frames(self, requests: Sequence[Request]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

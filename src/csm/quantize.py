@@ -49,8 +49,3 @@ def quantize_int8(model: CSM) -> CSM:
                         setattr(parent, name, Int8Linear(child))
     model.projection = Int8Linear(model.projection)
     return model
-
-
-def is_quantized(model: CSM) -> bool:
-    return any(isinstance(m, Int8Linear) for m in model.modules())
-

@@ -134,14 +134,12 @@ class MimiDecodeStream:
         m = self.mimi
         self.state = {"upsample": m.upsample.init_state(*args), "transformer": m.decoder_transformer.init_state(*args),
                       "decoder": m.decoder.init_state(*args)}
-        self.frames = 0
 
     @torch.no_grad()
     def decode(self, codes: Tensor) -> Tensor:
         if codes.dim() != 3 or codes.shape[0] != self.batch_size:
             raise ValueError(f"expected codes [{self.batch_size}, K, n] (one frame: codes[..., None]), got "
                              f"{tuple(codes.shape)}")
-        self.frames += codes.shape[-1]
         return self.mimi.decode_latent(self.mimi.quantizer.decode(codes.long()), self.state)
 
 

@@ -36,7 +36,6 @@ import os
 import shutil
 import sys
 import time
-import typing
 from dataclasses import dataclass, replace
 from pathlib import Path
 
