@@ -75,6 +75,12 @@ def transformers_csm(seed: int = 0, rope: dict | None = LLAMA3_ROPE, **overrides
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(5.0) if p.dim() > 1 else None
+        # CSM has one audio embedding table; transformers versions that keep a separate depth-decoder copy must
+        # hold the same values in it.
+        shared = model.backbone_model.embed_tokens.embed_audio_tokens.weight
+        copy = model.depth_decoder.model.embed_tokens.weight
+        if copy.data_ptr() != shared.data_ptr():
+            copy.copy_(shared)
     return model
 
 

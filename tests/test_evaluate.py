@@ -285,7 +285,7 @@ def test_generation_mode_end_to_end(tmp_path, monkeypatch):
     model = CSM(get_config("tiny"))
     monkeypatch.setattr(ev, "_load_codec", lambda model, codec, device: _FakeCodec())
     def fake_load(source, device=None, codec=None):
-        return generate.Generator(model, tokenizer, codec, compile=False)
+        return generate.Generator(model, tokenizer, codec, engine="eager")
 
     monkeypatch.setattr(generate, "load_generator", fake_load)
 

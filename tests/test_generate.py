@@ -157,7 +157,7 @@ def test_compiled_step_equals_eager(tokenizer):
                     text_vocab_size=300, audio_vocab_size=67, audio_num_codebooks=4)
     torch.manual_seed(0)
     model = CSM(cfg)
-    eager, compiled = Generator(model, tokenizer), Generator(model, tokenizer, compile=True)
+    eager, compiled = Generator(model, tokenizer), Generator(model, tokenizer, engine="compile")
     for kw in (dict(topk=1), dict(seed=3)):
         a = eager.generate("hello there", 0, max_audio_length_ms=640, **kw).codes
         b = compiled.generate("hello there", 0, max_audio_length_ms=640, **kw).codes
@@ -179,3 +179,12 @@ def test_stream_chunks_concatenate_to_the_one_shot_audio(tokenizer):
     hop = codec.frame_size
     assert [len(c) for c in chunks] == [3 * hop, 3 * hop, hop]  # 7 frames: 3 + 3 + 1
     torch.testing.assert_close(torch.cat(chunks), one_shot.audio, atol=1e-5, rtol=0)
+
+
+def test_engine_choice_is_checked(tokenizer):
+    model = CSM(get_config("tiny"))
+    assert Generator(model, tokenizer).engine == "eager"  # the CPU default
+    with pytest.raises(ValueError, match="unknown engine"):
+        Generator(model, tokenizer, engine="turbo")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        Generator(model, tokenizer, engine="graph")

@@ -22,7 +22,8 @@ def _say(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
-    gen = load_generator(args.model, device=device, codec=_load_codec(args, device), quantize=args.quantize)
+    gen = load_generator(args.model, device=device, codec=_load_codec(args, device), quantize=args.quantize,
+                         engine=args.engine)
     context = [_context_segment(gen, spec) for spec in args.context or []]
     t1 = time.perf_counter()
     speech = gen.generate(
@@ -108,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     say.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     say.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only linears (faster on CPU)")
+    say.add_argument("--engine", choices=["eager", "graph", "compile"], default=None,
+                     help="frame step: eager (CPU default), graph (CUDA graph, GPU default), compile (fused; "
+                          "pays off on long outputs)")
     say.set_defaults(func=_say)
 
     for name in SUBCOMMAND_MODULES:

@@ -7,8 +7,8 @@ backbone. A request stops at an all-zero frame (end of utterance) or at its leng
 The engine is batched: several requests (different prompts, lengths, sampling settings and seeds) run in one
 forward. Prompts are right-padded for the prefill; padding lands in cache slots past each row's prompt, which that
 row overwrites before its attention mask ever reaches them. The per-frame step has static shapes (full-length
-cache, positions and sampling noise as tensors), so it can be compiled or captured as a CUDA graph
-(`compile=True`, the default on GPU) and its sampling needs no host synchronisation.
+cache, positions and sampling noise as tensors), so it can be captured as a CUDA graph (`engine="graph"`, the
+default on GPU) or compiled (`engine="compile"`), and its sampling needs no host synchronisation.
 """
 
 from __future__ import annotations
@@ -98,52 +98,117 @@ class Speech:
 
 
 class _FrameStep(nn.Module):
-    """Hidden state -> one sampled frame, and (frame in -> backbone step -> frame out). Static shapes only, so the
-    whole per-frame work can be compiled / captured once per batch size."""
+    """The per-frame work with static shapes: a backbone step (frame in -> hidden state), codebook 0 from the
+    hidden state, then 31 decoder steps (one per codebook). With `compile`, the backbone step and the decoder step
+    are each compiled once by Inductor (codebook indices are tensors, so one compiled decoder step serves all 31);
+    a CUDA graph around the whole frame then removes the launch gaps between the fused kernels."""
 
-    def __init__(self, model: CSM, backbone_cache: nn.ModuleList, decoder_cache: nn.ModuleList) -> None:
+    def __init__(self, model: CSM, backbone_cache: nn.ModuleList, decoder_cache: nn.ModuleList, *,
+                 static: bool, compile: bool = False) -> None:
         super().__init__()
         self.model, self.backbone_cache, self.decoder_cache = model, backbone_cache, decoder_cache
+        self.static = static  # attention over the full cache length (graphs, compile) instead of the filled prefix
+        k, dev = model.cfg.audio_num_codebooks, model.audio_head.device
+        self.codebooks: list = [torch.tensor(i, device=dev) for i in range(k)] if compile else list(range(k))
+        self.backbone_step, self.decoder_step = self._backbone_step, self._decoder_step
+        if compile:
+            self.backbone_step = torch.compile(self._backbone_step, fullgraph=True, dynamic=False)
+            self.decoder_step = torch.compile(self._decoder_step, fullgraph=True, dynamic=False)
+
+    def _backbone_step(self, frame, input_pos, kv_len: int):
+        """The previous frames [B, K] at input_pos [B, 1] -> the backbone's hidden state [B, dim]."""
+        m, k = self.model, self.model.cfg.audio_num_codebooks
+        tokens = torch.cat([frame, torch.zeros_like(frame[:, :1])], dim=1)[:, None]
+        mask = torch.ones_like(tokens, dtype=torch.bool)
+        mask[..., k] = False  # audio-only frame
+        return m.backbone(m.embed_frames(tokens, mask), input_pos, causal_mask(input_pos, kv_len),
+                          self.backbone_cache)[:, -1]
+
+    def _decoder_step(self, x, pos, codebook, noise, temperature, topk, max_topk: int, kv_len: int):
+        """Decoder inputs x [B, S, backbone dim] at positions pos [B, S] -> (code of `codebook` [B, 1], its
+        embedding [B, 1, backbone dim]: the next step's input)."""
+        m = self.model
+        out = m.decoder(m.projection(x), pos, causal_mask(pos, kv_len), self.decoder_cache)
+        code = sample_topk(m.decoder_head(codebook, out[:, -1]), topk, temperature, noise, max_topk)
+        return code, m.embed_audio(codebook, code)
 
     def frame_from_hidden(self, h, noise, temperature, topk, max_topk: int):
         """h [B, dim] (the backbone's last hidden state) -> codes [B, K]: codebook 0 from the backbone head,
-        then the decoder fills codebooks 1..K-1 one by one."""
+        then the decoder fills codebooks 1..K-1 one by one (its cache is rewritten from position 0)."""
         m = self.model
         code = sample_topk(m.codebook0_head(h), topk, temperature, noise[:, 0], max_topk)
         codes = [code]
         x = torch.cat([h[:, None], m.embed_audio(0, code)], dim=1)  # decoder positions 0 (h) and 1 (c0)
         pos = torch.arange(2, device=h.device).expand(h.shape[0], 2)
         for i in range(1, m.cfg.audio_num_codebooks):
-            out = m.decoder(m.projection(x), pos, causal_mask(pos, i + 1), self.decoder_cache)
-            code = sample_topk(m.decoder_head(i, out[:, -1]), topk, temperature, noise[:, i], max_topk)
+            kv_len = m.cfg.decoder.max_seq_len if self.static else i + 1
+            code, x = self.decoder_step(x, pos, self.codebooks[i], noise[:, i], temperature, topk, max_topk, kv_len)
             codes.append(code)
-            x, pos = m.embed_audio(i, code), pos[:, -1:] + 1
+            pos = pos[:, -1:] + 1
         return torch.cat(codes, dim=1)
 
     def forward(self, frame, input_pos, kv_len: int, noise, temperature, topk, max_topk: int):
         """Feed the previous frames [B, K] at input_pos [B, 1]; return the next frames [B, K]."""
-        k = self.model.cfg.audio_num_codebooks
-        tokens = torch.cat([frame, torch.zeros_like(frame[:, :1])], dim=1)[:, None]
-        mask = torch.ones_like(tokens, dtype=torch.bool)
-        mask[..., k] = False  # audio-only frame
-        h, _ = self.model.backbone_forward(tokens, mask, input_pos, causal_mask(input_pos, kv_len), self.backbone_cache)
-        return self.frame_from_hidden(h[:, -1], noise, temperature, topk, max_topk)
+        h = self.backbone_step(frame, input_pos, kv_len)
+        return self.frame_from_hidden(h, noise, temperature, topk, max_topk)
+
+
+class _CUDAGraph:
+    """`fn` captured as a CUDA graph, then replayed: a frame step is ~250 small kernels (1 backbone step and 31
+    decoder steps), so launching them one by one from Python costs more than running them.
+
+    Tensor arguments are copied into the captured inputs, so they must keep their shapes; non-tensor arguments
+    (top-k bound, cache length) are baked into a graph, so each distinct set gets its own capture. The step only
+    overwrites cache slots it owns, so the eager warm-up before a capture is harmless: the replay rewrites them."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list, torch.Tensor]] = {}
+
+    def __call__(self, *args):
+        key = tuple(a for a in args if not isinstance(a, torch.Tensor))
+        if key not in self.graphs:
+            held = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # lazy initialisation (cuBLAS workspaces, ...) must not be captured
+                self.fn(*held)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.fn(*held)
+            self.graphs[key] = graph, held, out
+        graph, held, out = self.graphs[key]
+        for dst, src in zip(held, args):
+            if isinstance(dst, torch.Tensor):
+                dst.copy_(src)
+        graph.replay()
+        return out.clone()  # the next replay overwrites `out`
+
+
+ENGINES = ("eager", "graph", "compile")
 
 
 class Generator:
     """Speaks lines in context with a CSM model (+ tokenizer, + optional audio codec).
 
-    compile: None = on for CUDA, off on CPU (where it does not pay); True compiles the per-frame step with
-    torch.compile(mode="reduce-overhead"), which on CUDA captures it as a CUDA graph.
+    engine: how the per-frame step runs. "eager": op by op (the CPU default: there launches are cheap and static
+    shapes would only add work); "graph": captured once per batch size as a CUDA graph and replayed (the GPU
+    default); "compile": the backbone step and the decoder step fused by torch.compile (Inductor), and on CUDA
+    the whole frame of compiled kernels captured as one CUDA graph.
     """
 
-    def __init__(self, model: CSM, tokenizer: TextTokenizer, codec: Codec | None = None, *, compile: bool | None = None):
+    def __init__(self, model: CSM, tokenizer: TextTokenizer, codec: Codec | None = None, *, engine: str | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.codec = codec
         self.num_codebooks = model.cfg.audio_num_codebooks
         self.sample_rate = codec.sample_rate if codec is not None else 24_000
-        self.compile = self.device.type == "cuda" if compile is None else compile
+        self.engine = engine or ("graph" if self.device.type == "cuda" else "eager")
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if self.engine == "graph" and self.device.type != "cuda":
+            raise ValueError("engine='graph' needs a CUDA device (use 'eager' or 'compile' on CPU)")
         self._step: tuple[int, _FrameStep, Callable, Callable] | None = None  # (batch size, ...), see _step_fns
 
     @property
@@ -193,15 +258,16 @@ class Generator:
 
     # --- the engine -------------------------------------------------------------------------------------
     def _step_fns(self, batch_size: int) -> tuple[_FrameStep, Callable, Callable]:
-        """Caches + the frame functions (compiled when asked) for this batch size. Only the latest batch size's are
-        kept, so caches of an old size do not pile up; a repeated size reuses them (and their compilation)."""
+        """Caches + the frame functions (graphed or compiled when asked) for this batch size. Only the latest batch
+        size's are kept, so caches of an old size do not pile up; a repeated size reuses them (and their capture)."""
         if self._step is None or self._step[0] != batch_size:
-            m = self.model
-            step = _FrameStep(m, m.backbone.new_cache(batch_size), m.decoder.new_cache(batch_size))
+            m, cuda = self.model, self.device.type == "cuda"
+            static = self.engine != "eager" or cuda
+            step = _FrameStep(m, m.backbone.new_cache(batch_size), m.decoder.new_cache(batch_size),
+                              static=static, compile=self.engine == "compile")
             first, nxt = step.frame_from_hidden, step.forward
-            if self.compile:
-                first = torch.compile(first, mode="reduce-overhead", fullgraph=True, dynamic=False)
-                nxt = torch.compile(nxt, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            if self.engine == "graph" or (self.engine == "compile" and cuda):
+                first, nxt = _CUDAGraph(first), _CUDAGraph(nxt)
             self._step = (batch_size, step, first, nxt)
         return self._step[1:]
 
@@ -244,7 +310,8 @@ class Generator:
         pos = torch.tensor(lengths, device=dev)[:, None]  # where each row's newest frame goes
         active = torch.ones(b, dtype=torch.bool, device=dev)
         remaining = torch.tensor(budgets, device=dev)
-        # Eager CPU attends only to the filled cache prefix; compiled steps keep the full static length.
+        # Eager CPU attends only to the filled cache prefix. Graphs and compiled steps need the full static length,
+        # and eager CUDA uses it too, so that its kernels (and greedy codes) are exactly the graph's.
         full = self.model.cfg.backbone.max_seq_len
         for t in range(max(budgets)):
             active &= frame.any(dim=1) & (remaining > 0)
@@ -254,7 +321,7 @@ class Generator:
             remaining -= 1
             if t + 1 == max(budgets):
                 return
-            kv_len = full if self.compile else s + t + 1
+            kv_len = full if step.static else s + t + 1
             frame = next_frame(frame.clone(), pos.clone(), kv_len, noise(), temperature, topk, max_topk)
             pos += 1
 
@@ -327,7 +394,7 @@ def load_generator(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     codec: Codec | None = None,
-    compile: bool | None = None,
+    engine: str | None = None,
     quantize: str | None = None,
 ) -> Generator:
     """Model + tokenizer from a checkpoint directory or hub id (any layout, see checkpoints.py).
@@ -345,4 +412,4 @@ def load_generator(
     elif quantize is not None:
         raise ValueError(f"unknown quantization {quantize!r}; supported: int8")
     tokenizer = TextTokenizer.from_pretrained(source)
-    return Generator(model, tokenizer, codec, compile=compile)
+    return Generator(model, tokenizer, codec, engine=engine)

@@ -235,7 +235,7 @@ class CSM(nn.Module):
         embeds = torch.cat([audio, text], dim=-2) * mask[..., None].to(audio.dtype)
         return embeds.sum(dim=-2)
 
-    def embed_audio(self, codebook: int, tokens: torch.Tensor) -> torch.Tensor:
+    def embed_audio(self, codebook: int | torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Embedding of codebook `codebook` ids `tokens` (any shape) in the backbone's space."""
         return self.audio_embeddings(tokens + codebook * self.cfg.audio_vocab_size)
 
@@ -268,8 +268,11 @@ class CSM(nn.Module):
         """[..., n] ids of codebooks 0..n-1 -> [..., n, dim]."""
         return self.audio_embeddings(codes + self.audio_offsets[: codes.shape[-1]])
 
-    def decoder_head(self, codebook: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits of codebook `codebook` (1..K-1) from decoder hidden states [B, ddim]."""
+    def decoder_head(self, codebook: int | torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of codebook `codebook` (1..K-1; an int, or a 0-dim tensor so that one compiled step serves every
+        codebook) from decoder hidden states [B, ddim]."""
+        if isinstance(codebook, torch.Tensor):
+            return hidden @ self.audio_head.index_select(0, (codebook - 1).reshape(1))[0]
         return hidden @ self.audio_head[codebook - 1]
 
     def reset_buffers(self, device=None) -> None:

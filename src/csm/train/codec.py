@@ -618,6 +618,9 @@ def train_codec(cfg: CodecTrainConfig, *, clips: ClipSet | None = None, eval_cli
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":  # crops have one fixed shape: let cuDNN pick its fastest kernels; TF32 matmuls
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
     out = Path(cfg.out)
     resume_dir = find_resume_dir(cfg) if cfg.resume else None
     state = torch.load(resume_dir / STATE_FILE, weights_only=True) if resume_dir else None

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The engine's GPU checks in one go, for a machine with a CUDA GPU and the project importable:
+#   bash benchmarks/gpu.sh OUT_DIR
+# 1. `csm bench` at the full CSM-1B shapes (random weights, bf16): our CUDA-graph engine and transformers on the
+#    same weights in the same run, batch 1/8/32 (nothing else on the GPU while it runs);
+# 2. the CUDA tests (graph and compile engines == eager, streaming, parity with transformers on the GPU);
+# 3. `csm bench --engine compile` (Inductor-fused steps inside one CUDA graph; compiling takes a few minutes).
+# Logs and JSON go to OUT_DIR; each stage has its own time cap, so one failure does not hide the others.
+# STAGES="bench tests compile" (the default) picks stages.
+set -u
+stages=" ${STAGES:-bench tests compile} "
+out=${1:-gpu-results}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$out/gpu.txt"
+$py -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+    | tee -a "$out/gpu.txt"
+[[ $stages == *" bench "* ]] && timeout "${BENCH_TIMEOUT:-240}" $py -m csm bench --transformers-batches --json "$out/bench_1b_graph.json" \
+    2>&1 | tee "$out/bench_1b_graph.log"
+[[ $stages == *" tests "* ]] && timeout "${TEST_TIMEOUT:-240}" $py -m pytest -q -x -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/pytest_cuda.log"
+[[ $stages == *" compile "* ]] && timeout "${COMPILE_TIMEOUT:-400}" $py -m csm bench --engine compile --no-transformers \
+    --json "$out/bench_1b_compile.json" 2>&1 | tee "$out/bench_1b_compile.log"
+echo "gpu.sh done"
