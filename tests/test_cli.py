@@ -71,3 +71,31 @@ def test_say_without_a_codec_writes_codes(tmp_path):
               "--max-ms", "160", "--seed", "0")
     assert res.stdout.strip() == str(tmp_path / "x.npy") and "no audio codec found" in res.stderr
     assert np.load(tmp_path / "x.npy").shape[0] == 32
+
+
+def test_say_without_model_uses_the_embedded_voice(tmp_path):
+    """The README's main command: plain `csm say` speaks with the voice shipped in the package."""
+    from csm.assets import VOICE_DIR
+
+    if not (VOICE_DIR / "model.safetensors").is_file():
+        pytest.skip("no embedded voice in this checkout")
+    out = tmp_path / "hello.wav"
+    r = run(sys.executable, "-m", "csm", "say", "Can you fix the bike with me later?", "-o", str(out), "--seed", "0")
+    assert r.stdout.strip() == str(out)
+    import soundfile as sf
+
+    wav, sr = sf.read(out)
+    assert sr == 24_000 and 0.5 < len(wav) / sr < 10 and np.abs(wav).max() > 0.01
+    card = (VOICE_DIR / "MODEL_CARD.md").read_text()
+    assert "WER" in card and "csm train" in card
+    size = sum(f.stat().st_size for f in VOICE_DIR.rglob("*") if f.is_file())
+    assert size <= 40e6  # the issue's budget for the embedded voice
+
+
+def test_missing_embedded_voice_is_a_clear_error(monkeypatch, tmp_path, capsys):
+    import csm.assets
+    from csm.cli import main
+
+    monkeypatch.setattr(csm.assets, "VOICE_DIR", tmp_path / "empty")
+    assert main(["say", "hello"]) == 2
+    assert "no embedded voice" in capsys.readouterr().err

@@ -312,6 +312,18 @@ def test_resume_gives_the_same_losses(prepared, micro_config, tmp_path):
         assert torch.allclose(va, vb, atol=1e-6, rtol=0), k
 
 
+def test_time_budget_stops_and_saves(prepared, micro_config, tmp_path):
+    """--max-minutes stops early, saves that step with its training time, and the LR had started to decay by time."""
+    records = train(_cfg(prepared, tmp_path / "t", model_config=micro_config, steps=10_000, max_minutes=0.02,
+                         warmup_steps=1, save_every=0, log_every=1))
+    last = records[-1]["step"]
+    assert 1 < last < 10_000
+    state = torch.load(tmp_path / "t" / f"step-{last:06d}" / "train_state.pt", weights_only=True)
+    assert state["step"] == last and state["train_seconds"] >= 0.02 * 60
+    lrs = [r["lr"] for r in records if "lr" in r]
+    assert lrs[-1] < lrs[1]  # the cosine followed the time budget, not the 10,000 steps
+
+
 def test_lora_trains_only_adapters_and_merges(prepared, tmp_path):
     torch.manual_seed(0)
     base = CSM(MICRO)

@@ -274,13 +274,16 @@ def load_mimi(
     return model.to(dtype=dtype).eval()
 
 
-def save_mimi(model: Mimi, directory: str | os.PathLike) -> Path:
-    """Write `model.safetensors` (our names) + a transformers-style `config.json`; `load_mimi(directory)` reads it."""
+def save_mimi(model: Mimi, directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
+    """Write `model.safetensors` (our names) + a transformers-style `config.json`; `load_mimi(directory)` reads it.
+    `dtype` stores floating-point tensors in that precision (e.g. float16 to halve a shipped codec)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+               for k, v in model.state_dict().items()}
+    save_file(tensors, str(directory / "model.safetensors"))
     (directory / "config.json").write_text(json.dumps(mimi_config_json(model.cfg), indent=2) + "\n")
     return directory
 

@@ -21,6 +21,8 @@ HELP = {
     "batch_size": "rows per micro-batch per process",
     "pack": "pack several conversations per row (--no-pack: one per row, padded)",
     "steps": "optimizer steps",
+    "max_minutes": "stop after this many minutes of training time (eval/saving excluded; 0: off); the LR cosine "
+                   "follows the larger of step and time progress",
     "lr": "peak learning rate (after linear warmup, cosine decay to --min-lr)",
     "grad_clip": "clip the gradient norm to this (0: off)",
     "grad_accum": "micro-batches per optimizer step",

@@ -57,6 +57,7 @@ class TrainConfig:
     pack: bool = True  # several conversations per row (block-diagonal attention)
     # Optimisation
     steps: int = 1000
+    max_minutes: float = 0.0  # stop after this much training time (0: off); the cosine then follows time too
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup_steps: int = 100
@@ -395,9 +396,10 @@ def train(cfg: TrainConfig) -> list[dict]:
     groups = [g for g in groups if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
-    step, epoch, pos = 0, 0, 0
+    step, epoch, pos, train_seconds = 0, 0, 0, 0.0
     if state is not None:
         step, epoch, pos = state["step"], state["epoch"], state["pos"]
+        train_seconds = state.get("train_seconds", 0.0)
         _warn_if_data_order_changes(state, cfg, d)
         if state["config"].get("fsdp", False) != cfg.fsdp:  # the two store the optimizer state differently
             raise ValueError(f"{resume_dir} was saved {'with' if state['config'].get('fsdp') else 'without'} FSDP "
@@ -422,7 +424,9 @@ def train(cfg: TrainConfig) -> list[dict]:
     k = model_cfg.audio_num_codebooks
     window = {"loss": 0.0, "c0": 0.0, "dec": 0.0, "frames": 0, "steps": 0, "t": time.perf_counter()}
     last_saved = step if resume_dir else -1
-    while step < cfg.steps:
+    budget, out_of_time = cfg.max_minutes * 60, False
+    while step < cfg.steps and not out_of_time:
+        t_step = time.perf_counter()
         for _ in range(100):  # an epoch's leftover batches are dropped: all ranks move on together
             if pos + per_step <= len(batches):
                 break
@@ -433,7 +437,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         # All randomness is a function of (seed, step, rank): the data order and decoder frames through their own
         # generators, anything else (LoRA dropout) through this seed. So --resume needs no saved RNG state.
         torch.manual_seed((cfg.seed * 1_000_003 + step * 1_009 + d.rank) % 2**63)
-        lr = lr_at(cfg, step)
+        lr = lr_at(cfg, step, train_seconds / budget if budget else 0.0)
         for group in optimizer.param_groups:
             group["lr"] = lr
         for micro in range(cfg.grad_accum):
@@ -460,9 +464,13 @@ def train(cfg: TrainConfig) -> list[dict]:
         optimizer.zero_grad(set_to_none=True)
         step, pos = step + 1, pos + per_step
         window["steps"] += 1
+        train_seconds += time.perf_counter() - t_step
+        if budget:  # every process stops at the same step
+            out_of_time = _all_reduce([float(train_seconds >= budget)], d, device)[0] > 0
+        last = step == cfg.steps or out_of_time
 
         record = None
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if step % cfg.log_every == 0 or last:
             n = window["steps"]
             loss_v, c0_v, dec_v, frames = _all_reduce(
                 [float(window["loss"]) / n, float(window["c0"]) / n, float(window["dec"]) / n, window["frames"]], d, device)
@@ -473,14 +481,15 @@ def train(cfg: TrainConfig) -> list[dict]:
                       "frames_per_s": frames / max(elapsed, 1e-9)}
             window = {"loss": 0.0, "c0": 0.0, "dec": 0.0, "frames": 0, "steps": 0, "t": time.perf_counter()}
         paused = time.perf_counter()
-        if eval_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+        if eval_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
             record = {"step": step, **(record or {}), **evaluate(module, eval_corpus, eval_batches, cfg, d, device)}
         if record is not None:
             records.append(record)
             if d.main:
                 _log(out, record)
-        if ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps) and step != last_saved:
-            path = save_training_checkpoint(cfg, module, optimizer, {"step": step, "epoch": epoch, "pos": pos}, d, data_dir)
+        if ((cfg.save_every and step % cfg.save_every == 0) or last) and step != last_saved:
+            progress = {"step": step, "epoch": epoch, "pos": pos, "train_seconds": train_seconds}
+            path = save_training_checkpoint(cfg, module, optimizer, progress, d, data_dir)
             last_saved = step
             if d.main:
                 print(f"saved {path}", flush=True)

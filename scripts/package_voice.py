@@ -1,0 +1,123 @@
+"""Package a trained voice into a model directory that `csm say --model DIR` (or, at src/csm/assets/voice, plain
+`csm say`) loads: CSM weights and codec stored in float16, the tokenizer, and a MODEL_CARD.md written from the
+training logs, the corpus description and `csm eval` results.
+
+    python scripts/package_voice.py --model runs/voice/step-004000 --codec runs/codec/step-004275 \\
+        --corpus /data/corpus --eval eval.json --out src/csm/assets/voice
+
+The card's numbers come from the files named here, so re-running after a new training run keeps it honest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from csm.checkpoints import load_checkpoint, save_checkpoint
+from csm.mimi import load_mimi
+from csm.mimi.weights import save_mimi
+
+STORE = torch.float16  # 10 mantissa bits: finer than bf16 for the small weights of a tiny model
+
+
+def _last(log: Path, key: str) -> dict:
+    """The last record of a log.jsonl that holds `key` ({} when none)."""
+    if not log.is_file():
+        return {}
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return next((r for r in reversed(rows) if key in r), {})
+
+
+def _fits_float16(model: torch.nn.Module, what: str) -> None:
+    biggest = max(float(t.abs().max()) for t in model.state_dict().values() if t.is_floating_point())
+    if biggest > 6e4:
+        raise ValueError(f"{what} has a weight of magnitude {biggest:g}, too large for float16 storage")
+
+
+def _mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
+
+
+def card(args, model, codec, out: Path) -> str:
+    corpus = json.loads((Path(args.corpus) / "corpus.json").read_text()) if args.corpus else {}
+    manifest = Path(args.corpus) / "manifest.jsonl" if args.corpus else None
+    n_utt = sum(1 for _ in manifest.open()) if manifest and manifest.is_file() else None
+    train_last = _last(Path(args.model).parent / "log.jsonl", "loss")
+    eval_last = _last(Path(args.model).parent / "log.jsonl", "eval_loss")
+    codec_last = _last(Path(args.codec).parent / "log.jsonl", "val_mel_l1")
+    scores = json.loads(Path(args.eval).read_text())["summary"] if args.eval else {}
+    c = model.cfg
+    lines = [
+        "# The embedded voice",
+        "",
+        "A tiny Conversational Speech Model and codec trained from scratch by this project's own recipes",
+        "(`scripts/make_corpus.py` → `csm train-codec` → `csm prepare` → `csm train`), shipped so that `csm say` works",
+        "offline. It is a demonstration of the pipeline, not a production voice.",
+        "",
+        "## Data",
+    ]
+    if corpus:
+        lines.append(f"Synthetic conversations made offline by `scripts/make_corpus.py` (seed {corpus.get('seed')})"
+                     + (f", {n_utt} utterances" if n_utt else "") + "; speakers:")
+        lines += [f"- {i}: {v.get('description', v.get('name'))}" for i, v in enumerate(corpus.get("voices", []))]
+    lines += ["", "## Models", ""]
+    lines.append(f"- CSM: backbone {c.backbone.n_layers} layers × {c.backbone.dim}, decoder {c.decoder.n_layers} "
+                 f"layers × {c.decoder.dim}, {c.audio_num_codebooks} codebooks, text vocabulary {c.text_vocab_size}; "
+                 f"{model.num_parameters() / 1e6:.1f} M parameters.")
+    if train_last:
+        lines.append(f"  Trained {train_last['step']} steps (epoch {train_last.get('epoch')}); last training loss "
+                     f"{train_last['loss']:.3f} (codebook 0 {train_last['c0_loss']:.3f}, decoder "
+                     f"{train_last['decoder_loss']:.3f})" + (f", held-out loss {eval_last['eval_loss']:.3f}"
+                                                             if eval_last else "") + ".")
+    cc = codec.cfg
+    lines.append(f"- Codec: Mimi architecture, {sum(p.numel() for p in codec.parameters()) / 1e6:.1f} M parameters, "
+                 f"{cc.num_codebooks} codebooks × {cc.codebook_size} at {cc.frame_rate:g} Hz, {cc.sample_rate} Hz audio.")
+    if codec_last:
+        lines.append(f"  Trained {codec_last['step']} steps ({codec_last.get('train_minutes', 0):.1f} min); held-out "
+                     f"log-mel L1 {codec_last['val_mel_l1']:.3f}.")
+    if args.notes:
+        lines += ["", args.notes]
+    lines += ["", "## Scores (`csm eval`)", ""]
+    if scores:
+        lines.append(f"On {scores.get('n')} held-out sentences: WER {100 * scores['wer']:.1f} % (Whisper tiny.en; "
+                     "target ≤ 15 %)" + (f"; with a context turn from the target speaker the output is closer "
+                                         f"(resemblyzer) to that speaker than to the others in "
+                                         f"{100 * scores['speaker_closer_fraction']:.0f} % of trials (target ≥ 90 %)"
+                                         if "speaker_closer_fraction" in scores else "")
+                     + (f"; real-time factor {scores['rtf']:.2f} on this project's 2-core CPU" if "rtf" in scores
+                        else "") + ".")
+    else:
+        lines.append("Not scored yet.")
+    lines += ["", f"Files: {_mb(out):.1f} MB (weights stored in float16, loaded as float32 on a CPU).", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a `csm train` checkpoint directory (step-NNNNNN)")
+    p.add_argument("--codec", required=True, help="a `csm train-codec` checkpoint directory")
+    p.add_argument("--out", required=True, help="model directory to write (replaced)")
+    p.add_argument("--corpus", default=None, help="the make_corpus.py folder (corpus.json, manifest.jsonl)")
+    p.add_argument("--eval", default=None, help="`csm eval --json` output for this model")
+    p.add_argument("--notes", default="", help="a paragraph for the card (e.g. where the training ran)")
+    args = p.parse_args()
+
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    model, _ = load_checkpoint(args.model)
+    codec = load_mimi(args.codec)
+    _fits_float16(model, "the CSM")
+    _fits_float16(codec, "the codec")
+    save_checkpoint(model, out, dtype=STORE)
+    shutil.copy(Path(args.model) / "tokenizer.json", out / "tokenizer.json")
+    save_mimi(codec, out / "codec", dtype=STORE)
+    (out / "MODEL_CARD.md").write_text(card(args, model, codec, out))
+    print(f"wrote {out} ({_mb(out):.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
