@@ -154,8 +154,9 @@ class _FrameStep(nn.Module):
 
 
 class _CUDAGraph:
-    """`fn` captured as a CUDA graph, then replayed: a frame step is ~250 small kernels (1 backbone step and 31
-    decoder steps), so launching them one by one from Python costs more than running them.
+    """`fn` captured as a CUDA graph, then replayed: a frame step is thousands of small kernels (1 backbone step and
+    31 decoder steps, each tens of kernels per layer, plus sampling), so launching them one by one from Python costs
+    more than running them.
 
     Tensor arguments are copied into the captured inputs, so they must keep their shapes; non-tensor arguments
     (top-k bound, cache length) are baked into a graph, so each distinct set gets its own capture. The step only

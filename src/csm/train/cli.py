@@ -9,20 +9,25 @@ import typing
 
 from .train import TrainConfig
 
+# Flags both trainers have (csm train, csm train-codec): one wording for the run's shape in time and on disk.
+SCHEDULE_HELP = {
+    "resume": "continue from a checkpoint directory (default with no value: the latest in --out)",
+    "max_minutes": "stop after this many minutes of training time (eval/saving excluded; 0: off); the LR cosine "
+                   "follows the larger of step and time progress (not bit-reproducible on resume)",
+}
+
 HELP = {
+    **SCHEDULE_HELP,
     "data": "prepared data directory (output of `csm prepare`)",
     "out": "output directory: checkpoints step-NNNNNN/ and log.jsonl",
     "init": "start from this checkpoint (directory, weights file or hub id)",
     "preset": "start from a random model of this preset (e.g. tiny, csm-1b)",
     "model_config": "start from a random model with this CSMConfig JSON file",
-    "resume": "continue from a checkpoint directory (default with no value: the latest in --out)",
     "eval_data": "held-out prepared directory (default: --eval-fraction of the conversations of --data)",
     "seq_len": "frames per row (default: the backbone's max_seq_len)",
     "batch_size": "rows per micro-batch per process",
     "pack": "pack several conversations per row (--no-pack: one per row, padded)",
     "steps": "optimizer steps",
-    "max_minutes": "stop after this many minutes of training time (eval/saving excluded; 0: off); the LR cosine "
-                   "follows the larger of step and time progress",
     "lr": "peak learning rate (after linear warmup, cosine decay to --min-lr)",
     "grad_clip": "clip the gradient norm to this (0: off)",
     "grad_accum": "micro-batches per optimizer step",
@@ -32,9 +37,6 @@ HELP = {
     "lora_train_heads": "with LoRA, also train the codebook-0 and decoder output heads",
     "device": "cpu / cuda (default: cuda if available; under torchrun cuda:LOCAL_RANK)",
     "fsdp": "under torchrun: shard the model with FSDP instead of replicating it with DDP",
-    "eval_every": "evaluate every N steps (0: at the end only)",
-    "save_every": "checkpoint every N steps (0: at the end only)",
-    "keep_checkpoints": "keep only the newest N checkpoints (0: all)",
 }
 
 

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from ..mimi import Mimi, MimiConfig, PRESETS as MIMI_PRESETS
 from ..mimi.quantizer import RVQ
 from ..mimi.weights import mimi_config_json
-from .cli import add_config_flags
+from .cli import SCHEDULE_HELP, add_config_flags
 from .train import checkpoint_dirs, find_resume_dir, lr_at
 
 STATE_FILE, LOG_FILE, WEIGHTS_FILE, CONFIG_FILE = "train_state.pt", "log.jsonl", "model.safetensors", "config.json"
@@ -769,11 +769,11 @@ def _log(out: Path, record: dict, bar) -> None:
 # --- command line -------------------------------------------------------------------------------------------------
 
 HELP = {
+    **SCHEDULE_HELP,
     "data": "a .jsonl/.csv manifest (field: audio) or a folder of audio files; clips are loaded into memory",
     "out": "output directory: checkpoints step-NNNNNN/ (load with csm.mimi.load_mimi) and log.jsonl",
     "preset": f"codec architecture: one of {sorted(CODEC_PRESETS)} or a csm.mimi preset",
     "model_config": "a transformers-style Mimi config.json instead of --preset",
-    "resume": "continue from a checkpoint directory (default with no value: the latest in --out)",
     "segment_frames": "training crop length in 12.5 Hz frames (1920 samples each for the Mimi ratios)",
     "eval_clips": "held-out clips for validation",
     "eval_seconds": "validate on the first N seconds of each held-out clip",
@@ -783,12 +783,7 @@ HELP = {
     "mel_scales": "comma-separated STFT sizes of the multi-scale mel loss (hop = size / 4)",
     "mel_floor": "floor of the mel magnitudes before the log (1e-5: the quietest bins weigh as much as speech)",
     "adversarial": "add a multi-scale STFT discriminator (hinge) + feature matching",
-    "max_minutes": "stop after this many minutes of training (eval/saving excluded); the LR cosine follows the "
-                   "larger of step and time progress (not bit-reproducible on resume)",
     "threads": "torch CPU threads (0: torch's default)",
-    "eval_every": "validate every N steps (0: at the end only)",
-    "save_every": "checkpoint every N steps (0: at the end only)",
-    "keep_checkpoints": "keep only the newest N checkpoints (0: all)",
 }
 
 
