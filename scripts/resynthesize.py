@@ -1,0 +1,57 @@
+"""Pass audio files through a codec (encode -> decode) to judge the codec on its own.
+
+    python scripts/resynthesize.py runs/codec/step-004275 data/corpus/heldout out/resynth
+    csm eval --wavs out/resynth/k8 --texts data/corpus/eval_sentences.txt --no-speaker   # Whisper WER of the codec
+
+Writes OUT/k{N}/<name>.wav for each number of codebooks N used in decoding (all, half, 1 by default) and prints
+held-out log-mel L1 and SNR per N as JSON: the same log-mel L1 that `csm train-codec` validates with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from csm.audio import load_audio, save_audio
+from csm.mimi import load_mimi
+from csm.train.codec import ValMel
+
+
+@torch.inference_mode()
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("codec", help="codec directory or hub id (anything csm.mimi.load_mimi reads)")
+    p.add_argument("wavs", type=Path, help="folder of audio files")
+    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("--codebooks", default="", help="comma-separated codebook counts (default: all, half, 1)")
+    args = p.parse_args()
+
+    codec = load_mimi(args.codec)
+    sr, k = codec.sample_rate, codec.num_codebooks
+    counts = [int(n) for n in args.codebooks.split(",") if n] or sorted({k, k // 2, 1}, reverse=True)
+    if not all(1 <= n <= k for n in counts):
+        raise SystemExit(f"--codebooks must be between 1 and {k}")
+    files = sorted(f for f in args.wavs.iterdir() if f.suffix.lower() in {".wav", ".flac", ".ogg"})
+    if not files:
+        raise SystemExit(f"no audio files in {args.wavs}")
+    for n in counts:
+        (args.out / f"k{n}").mkdir(parents=True, exist_ok=True)
+    val_mel = ValMel(sr)
+    totals = {n: {"log_mel_l1": 0.0, "snr_db": 0.0} for n in counts}
+    for f in files:
+        x = load_audio(f, sr)
+        codes = codec.encode(x)
+        for n in counts:
+            y = codec.decode(codes[:n])[: len(x)]
+            save_audio(args.out / f"k{n}" / f"{f.stem}.wav", y, sr)
+            totals[n]["log_mel_l1"] += float(val_mel(y, x)) / len(files)
+            totals[n]["snr_db"] += 10 * math.log10(float(x.square().sum()) / float((x - y).square().sum())) / len(files)
+    print(json.dumps({"files": len(files), **{f"k{n}": v for n, v in totals.items()}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
