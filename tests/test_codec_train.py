@@ -86,6 +86,28 @@ def test_checkpoint_loads_with_load_mimi(trained):
     assert torch.equal(model.mimi.encode(x), codes)
 
 
+def test_decoder_only_finetune_keeps_codes(trained, tmp_path):
+    """--init + --decoder-only: the decoder improves while the encoder, quantizer and so the codes stay bit-exact."""
+    out, _, evals = trained
+    init = out / "step-000040"
+    clips = ClipSet(synth_clips(6, 0.6))
+    records = train_codec(tiny_cfg(tmp_path / "ft", init=str(init), decoder_only=True, steps=30, lr=1e-3,
+                                   warmup_steps=2), clips=clips, eval_clips=evals)
+    mel = [r["mel_loss"] for r in records if "mel_loss" in r]
+    assert sum(mel[-5:]) / 5 < sum(mel[:5]) / 5, mel
+    before, after = load_mimi(init), load_mimi(tmp_path / "ft" / "step-000030")
+    sd0, sd1 = before.state_dict(), after.state_dict()
+    frozen = ("encoder.", "encoder_transformer.", "downsample.", "quantizer.")
+    assert all(torch.equal(sd0[k], sd1[k]) for k in sd0 if k.startswith(frozen))
+    assert any(not torch.equal(sd0[k], sd1[k]) for k in sd0 if k.startswith("decoder."))
+    x = evals[0]
+    assert torch.equal(before.encode(x), after.encode(x))
+    with pytest.raises(ValueError, match="--init"):
+        train_codec(tiny_cfg(tmp_path / "x", decoder_only=True), clips=clips)
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        train_codec(tiny_cfg(tmp_path / "y", init=str(tmp_path)), clips=clips)
+
+
 def test_training_codes_match_inference_codes():
     torch.manual_seed(0)
     model = CodecModel(preset("tiny")).eval()

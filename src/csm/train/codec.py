@@ -83,6 +83,8 @@ class CodecTrainConfig:
     preset: str = "embedded"  # codec architecture: CODEC_PRESETS or csm.mimi presets
     model_config: str | None = None  # a transformers-style Mimi config.json instead of --preset
     resume: str | None = None  # a checkpoint directory, or "latest"
+    init: str | None = None  # start from this codec's weights (a step-NNNNNN/ dir): fresh optimizer, step 0
+    decoder_only: bool = False  # train only the decoder side on frozen codes (needs --init or --resume)
     # Data
     segment_frames: int = 12  # crop length in code frames (12 x 1920 samples = 0.96 s)
     eval_clips: int = 16  # held-out clips (the last ones of a seeded shuffle)
@@ -316,6 +318,20 @@ class CodecModel(nn.Module):
         recon = self.mimi.decode_latent(q)
         return {"recon": recon, "commit": (commit_s + commit_a) / c.num_codebooks,
                 "codes": torch.cat([codes_s, codes_a], dim=1), "replaced": torch.tensor(rep_s + rep_a)}
+
+    @torch.no_grad()
+    def freeze_encoder_side(self) -> None:
+        """Freeze everything up to and including the quantizer: codes stay exactly what they were."""
+        m = self.mimi
+        for module in (m.encoder, m.encoder_transformer, m.downsample, m.quantizer):
+            module.requires_grad_(False)
+
+    def forward_decoder_only(self, wav: Tensor) -> dict[str, Tensor]:
+        """The inference condition: frozen codes from all codebooks -> the trainable decoder side."""
+        with torch.no_grad():
+            latent = self.mimi.quantizer.decode(self.mimi.quantizer.encode(self.mimi.encode_latent(wav)))
+        recon = self.mimi.decode_latent(latent)
+        return {"recon": recon, "commit": recon.new_zeros(()), "replaced": torch.tensor(0)}
 
     @torch.no_grad()
     def sync_codebooks(self) -> None:
@@ -592,6 +608,18 @@ def training_step(model: CodecModel, wav: Tensor, cfg: CodecTrainConfig, step: i
                   disc: MultiScaleSTFTDiscriminator | None = None) -> tuple[Tensor, dict[str, float]]:
     """Forward + loss of one batch (updates the EMA codebooks). -> (total generator loss, scalar metrics)."""
     c, B = model.cfg, wav.shape[0]
+    if cfg.decoder_only:
+        out = model.forward_decoder_only(wav)
+        recon = out["recon"]
+        mel = mel_loss(recon, wav)
+        wav_l1 = F.l1_loss(recon, wav)
+        loss = cfg.mel_weight * mel + cfg.wav_weight * wav_l1
+        metrics = {"mel_loss": mel.item(), "wav_l1": wav_l1.item(), "commit": 0.0, "replaced": 0}
+        if disc is not None and step >= cfg.adv_start:
+            adv, feat = generator_adv_losses(disc, wav, recon)
+            loss = loss + cfg.adv_weight * adv + cfg.feat_weight * feat
+            metrics.update(adv=adv.item(), feat=feat.item())
+        return loss, metrics | {"_recon": recon}
     g = _gen(cfg.seed, step, 1)
     drop = torch.rand(B, generator=g) < cfg.quantizer_dropout
     n_rand = torch.randint(c.num_semantic, c.num_codebooks + 1, (B,), generator=g)
@@ -625,15 +653,24 @@ def train_codec(cfg: CodecTrainConfig, *, clips: ClipSet | None = None, eval_cli
     resume_dir = find_resume_dir(cfg) if cfg.resume else None
     state = torch.load(resume_dir / STATE_FILE, weights_only=True) if resume_dir else None
 
+    if cfg.init and resume_dir:
+        raise ValueError("give --init (start a new run from a codec) or --resume (continue a run), not both")
+    start_dir = resume_dir or (Path(cfg.init) if cfg.init else None)
+    if start_dir and not (start_dir / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{start_dir}: no {WEIGHTS_FILE} (expected a train-codec step-NNNNNN/ directory)")
+    if cfg.decoder_only and start_dir is None:
+        raise ValueError("--decoder-only fine-tunes a trained codec: give --init DIR (or --resume)")
     mimi_cfg = _model_config(cfg)
-    if resume_dir:
-        mimi_cfg = _model_config(replace(cfg, model_config=str(resume_dir / CONFIG_FILE)))
+    if start_dir:
+        mimi_cfg = _model_config(replace(cfg, model_config=str(start_dir / CONFIG_FILE)))
     torch.manual_seed(cfg.seed)
     model = CodecModel(mimi_cfg)
-    if resume_dir:
+    if start_dir:
         from safetensors.torch import load_file
 
-        model.load_export(load_file(str(resume_dir / WEIGHTS_FILE)))
+        model.load_export(load_file(str(start_dir / WEIGHTS_FILE)))
+    if cfg.decoder_only:
+        model.freeze_encoder_side()
     model.to(device).train()
     sr, frame = mimi_cfg.sample_rate, mimi_cfg.frame_size
 
@@ -782,6 +819,9 @@ HELP = {
     "dead_code_ratio": "replace codes used less than this fraction of the mean usage (0: never)",
     "mel_scales": "comma-separated STFT sizes of the multi-scale mel loss (hop = size / 4)",
     "mel_floor": "floor of the mel magnitudes before the log (1e-5: the quietest bins weigh as much as speech)",
+    "init": "start from a trained codec's weights (a step-NNNNNN/ directory) with a fresh optimizer at step 0",
+    "decoder_only": "fine-tune only the decoder side (upsample, decoder transformer, SEANet decoder) on the frozen "
+                    "codes of all codebooks: codes already prepared for a CSM stay valid",
     "adversarial": "add a multi-scale STFT discriminator (hinge) + feature matching",
     "threads": "torch CPU threads (0: torch's default)",
 }
