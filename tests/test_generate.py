@@ -188,3 +188,33 @@ def test_engine_choice_is_checked(tokenizer):
         Generator(model, tokenizer, engine="turbo")
     with pytest.raises(ValueError, match="needs a CUDA device"):
         Generator(model, tokenizer, engine="graph")
+
+
+def test_fused_projections_keep_the_maths_and_save_unfused(tokenizer, tmp_path):
+    """Generator fuses q/k/v and gate/up in place; outputs match the unfused model and checkpoints keep the usual
+    keys (split back on save)."""
+    from csm.checkpoints import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = CSM(get_config("tiny")).eval()
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = torch.randint(0, 50, (2, 6, model.cfg.audio_num_codebooks + 1))
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    with torch.no_grad():
+        h0, logits0 = model.backbone_forward(tokens, mask)
+        dec0 = model.decoder_logits(h0[:, -1], tokens[:, -1, :-1])
+    gen = Generator(model, tokenizer)
+    assert model.backbone.layers[0].attn.fused and model.decoder.layers[0].mlp.fused
+    assert not hasattr(model.backbone.layers[0].attn, "wq")
+    with torch.no_grad():
+        h1, logits1 = model.backbone_forward(tokens, mask)
+        dec1 = model.decoder_logits(h1[:, -1], tokens[:, -1, :-1])
+    torch.testing.assert_close(logits1, logits0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dec1, dec0, rtol=1e-5, atol=1e-5)
+    assert gen.generate("hello", 0, max_audio_length_ms=400, topk=1, seed=0).codes.numel() > 0
+
+    save_checkpoint(model, tmp_path / "ckpt")
+    loaded, _ = load_checkpoint(tmp_path / "ckpt", dtype=torch.float32)
+    assert set(loaded.state_dict()) == set(reference)
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, reference[k]), k

@@ -365,6 +365,23 @@ def load_checkpoint(
     return model.eval(), codec
 
 
+def unfuse_state_dict(sd: dict[str, torch.Tensor], cfg: CSMConfig) -> dict[str, torch.Tensor]:
+    """Split the inference-fused projections (CSM.fuse_projections) back into wq/wk/wv and w1/w3."""
+    out = {}
+    for key, v in sd.items():
+        stack = cfg.backbone if key.startswith("backbone.") else cfg.decoder
+        if key.endswith(".attn.wqkv.weight"):
+            base, kv = key[: -len("wqkv.weight")], stack.n_kv_heads * stack.head_dim
+            for name, part in zip(("wq", "wk", "wv"), v.split([stack.n_heads * stack.head_dim, kv, kv])):
+                out[f"{base}{name}.weight"] = part
+        elif key.endswith(".mlp.w13.weight"):
+            base = key[: -len("w13.weight")]
+            out[f"{base}w1.weight"], out[f"{base}w3.weight"] = v.chunk(2)
+        else:
+            out[key] = v
+    return out
+
+
 def save_checkpoint(model: CSM, directory: str | os.PathLike, **kwargs) -> Path:
     """Write a model as `model.safetensors` + `config.json` (see `save_state_dict` for the options)."""
     return save_state_dict(model.cfg, model.state_dict(), directory, **kwargs)
@@ -390,7 +407,7 @@ def save_state_dict(
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach() for k, v in state_dict.items()}
+    sd = unfuse_state_dict({k: v.detach() for k, v in state_dict.items()}, cfg)
     out = convert_from_ours(sd, cfg, layout)
     out.update(extra_tensors or {})
     # safetensors refuses aliased tensors: give every entry its own contiguous storage.

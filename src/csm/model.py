@@ -89,6 +89,14 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.fused = False  # wq/wk/wv merged into one wqkv by fuse()
+
+    def fuse(self) -> None:
+        """Inference layout: one matrix-vector product for q, k and v instead of three (fewer kernels per step)."""
+        if not self.fused and all(type(m) is nn.Linear for m in (self.wq, self.wk, self.wv)):
+            self.wqkv = _concat_linears(self.wq, self.wk, self.wv)
+            del self.wq, self.wk, self.wv
+            self.fused = True
 
     def forward(
         self,
@@ -100,9 +108,14 @@ class Attention(nn.Module):
         cache: KVCache | None,
     ) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self.wq(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.fused:
+            kv = self.n_kv_heads * self.head_dim
+            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.reshape(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
@@ -126,9 +139,28 @@ class MLP(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)  # gate
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)  # down
         self.w3 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)  # up
+        self.fused = False  # w1/w3 merged into one w13 by fuse()
+
+    def fuse(self) -> None:
+        """Inference layout: gate and up projections as one matrix-vector product."""
+        if not self.fused and all(type(m) is nn.Linear for m in (self.w1, self.w3)):
+            self.w13 = _concat_linears(self.w1, self.w3)
+            del self.w1, self.w3
+            self.fused = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def _concat_linears(*linears: nn.Linear) -> nn.Linear:
+    """One bias-free linear whose output is the concatenation of `linears`' outputs."""
+    w = torch.cat([m.weight.detach() for m in linears])
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+    fused.weight = nn.Parameter(w, requires_grad=linears[0].weight.requires_grad)  # still trainable if they were
+    return fused
 
 
 class Block(nn.Module):
@@ -280,6 +312,16 @@ class CSM(nn.Module):
         self.decoder.reset_buffers(device)
         k, va = self.cfg.audio_num_codebooks, self.cfg.audio_vocab_size
         self.audio_offsets = torch.arange(k, device=device) * va
+
+    def fuse_projections(self) -> CSM:
+        """Merge q/k/v and gate/up projections for inference, in place (Generator does this). Fused modules keep
+        the same maths; checkpoints.unfuse_state_dict (used by save_checkpoint) splits them back into the usual keys. LoRA-wrapped or
+        already-quantized projections are left as they are."""
+        for stack in (self.backbone, self.decoder):
+            for block in stack.layers:
+                block.attn.fuse()
+                block.mlp.fuse()
+        return self
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -40,6 +40,9 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0, 
         raise ValueError(f"LoRA rank must be positive, got {rank}")
     for stack in (model.backbone, model.decoder):
         for block in stack.layers:
+            if block.attn.fused or block.mlp.fused:
+                raise ValueError("this model's projections were fused for inference (a Generator does that); "
+                                 "apply LoRA to a freshly loaded model")
             for target in TARGETS:
                 parent_name, name = target.split(".")
                 parent = getattr(block, parent_name)
