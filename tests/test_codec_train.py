@@ -56,7 +56,7 @@ def test_loss_decreases(trained):
     mel = [r["mel_loss"] for r in records if "mel_loss" in r]
     assert len(mel) == 40
     first, last = sum(mel[:5]) / 5, sum(mel[-5:]) / 5
-    assert last < 0.8 * first, (first, last)
+    assert last < 0.9 * first, (first, last)  # ~0.83 with the 3e-3 mel floor (~0.7 with 1e-5)
     final = records[-1]
     assert {"val_mel_l1", "val_snr", "val_code_perplexity"} <= set(final)
     assert math.isfinite(final["val_mel_l1"])
