@@ -608,26 +608,18 @@ def evaluate(model: CodecModel, clips: list[Tensor], device: torch.device, val_m
 
 def training_step(model: CodecModel, wav: Tensor, cfg: CodecTrainConfig, step: int, mel_loss: MultiScaleMelLoss,
                   disc: MultiScaleSTFTDiscriminator | None = None) -> tuple[Tensor, dict[str, float]]:
-    """Forward + loss of one batch (updates the EMA codebooks). -> (total generator loss, scalar metrics)."""
+    """Forward + loss of one batch (updates the EMA codebooks unless decoder-only). -> (total generator loss,
+    scalar metrics)."""
     c, B = model.cfg, wav.shape[0]
     if cfg.decoder_only:
         out = model.forward_decoder_only(wav)
-        recon = out["recon"]
-        mel = mel_loss(recon, wav)
-        wav_l1 = F.l1_loss(recon, wav)
-        loss = cfg.mel_weight * mel + cfg.wav_weight * wav_l1
-        metrics = {"mel_loss": mel.item(), "wav_l1": wav_l1.item(), "commit": 0.0, "replaced": 0}
-        if disc is not None and step >= cfg.adv_start:
-            adv, feat = generator_adv_losses(disc, wav, recon)
-            loss = loss + cfg.adv_weight * adv + cfg.feat_weight * feat
-            metrics.update(adv=adv.item(), feat=feat.item())
-        return loss, metrics | {"_recon": recon}
-    g = _gen(cfg.seed, step, 1)
-    drop = torch.rand(B, generator=g) < cfg.quantizer_dropout
-    n_rand = torch.randint(c.num_semantic, c.num_codebooks + 1, (B,), generator=g)
-    num_used = torch.where(drop, n_rand, torch.full_like(n_rand, c.num_codebooks)).to(wav.device)
-    quantize = (torch.rand(B, generator=g) < cfg.quantize_prob).to(wav.device)
-    out = model(wav, num_used, quantize, cfg)
+    else:
+        g = _gen(cfg.seed, step, 1)
+        drop = torch.rand(B, generator=g) < cfg.quantizer_dropout
+        n_rand = torch.randint(c.num_semantic, c.num_codebooks + 1, (B,), generator=g)
+        num_used = torch.where(drop, n_rand, torch.full_like(n_rand, c.num_codebooks)).to(wav.device)
+        quantize = (torch.rand(B, generator=g) < cfg.quantize_prob).to(wav.device)
+        out = model(wav, num_used, quantize, cfg)
     recon = out["recon"]
     mel = mel_loss(recon, wav)
     wav_l1 = F.l1_loss(recon, wav)
