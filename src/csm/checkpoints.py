@@ -145,6 +145,7 @@ def convert_to_ours(state_dict: dict[str, torch.Tensor], cfg: CSMConfig, layout:
 
 
 def convert_from_ours(state_dict: dict[str, torch.Tensor], cfg: CSMConfig, layout: str) -> dict[str, torch.Tensor]:
+    state_dict = unfuse_state_dict(state_dict, cfg)  # a Generator's model has fused projections
     out = {}
     for ours, theirs, _, from_ours in key_map(cfg, layout):
         t = state_dict[ours]
@@ -407,7 +408,7 @@ def save_state_dict(
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    sd = unfuse_state_dict({k: v.detach() for k, v in state_dict.items()}, cfg)
+    sd = {k: v.detach() for k, v in state_dict.items()}
     out = convert_from_ours(sd, cfg, layout)
     out.update(extra_tensors or {})
     # safetensors refuses aliased tensors: give every entry its own contiguous storage.

@@ -314,8 +314,8 @@ class CSM(nn.Module):
         self.audio_offsets = torch.arange(k, device=device) * va
 
     def fuse_projections(self) -> CSM:
-        """Merge q/k/v and gate/up projections for inference, in place (Generator does this). Fused modules keep
-        the same maths; checkpoints.unfuse_state_dict (used by save_checkpoint) splits them back into the usual keys. LoRA-wrapped or
+        """Merge q/k/v and gate/up projections for inference, in place (Generator does this). Same maths;
+        checkpoints.convert_from_ours (so save_checkpoint) splits them back into the usual keys. LoRA-wrapped or
         already-quantized projections are left as they are."""
         for stack in (self.backbone, self.decoder):
             for block in stack.layers:
