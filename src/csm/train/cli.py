@@ -14,6 +14,9 @@ SCHEDULE_HELP = {
     "resume": "continue from a checkpoint directory (default with no value: the latest in --out)",
     "max_minutes": "stop after this many minutes of training time (eval/saving excluded; 0: off); the LR cosine "
                    "follows the larger of step and time progress (not bit-reproducible on resume)",
+    "eval_every": "evaluate on the held-out data every N steps (0: at the end only)",
+    "save_every": "checkpoint every N steps (0: at the end only)",
+    "keep_checkpoints": "keep only the newest N checkpoints (0: all)",
 }
 
 HELP = {
