@@ -4,7 +4,8 @@
     csm eval --wavs out/resynth/k8 --texts data/corpus/eval_sentences.txt --no-speaker   # Whisper WER of the codec
 
 Writes OUT/k{N}/<name>.wav for each number of codebooks N used in decoding (all, half, 1 by default) and prints
-held-out log-mel L1 and SNR per N as JSON: the same log-mel L1 that `csm train-codec` validates with.
+held-out log-mel L1 and SNR per N as JSON: the same log-mel L1 that `csm train-codec` validates with, and
+`quiet_share_48db`, the share of that L1 that comes from bins more than 48 dB under each clip's loudest bin.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import torch
 from csm.audio import load_audio, save_audio
 from csm.mimi import load_mimi
 from csm.train.codec import ValMel
+
+
+QUIET_DB = 48
 
 
 @torch.inference_mode()
@@ -42,6 +46,8 @@ def main() -> None:
         (args.out / f"k{n}").mkdir(parents=True, exist_ok=True)
     val_mel = ValMel(sr)
     totals = {n: {"log_mel_l1": 0.0, "snr_db": 0.0} for n in counts}
+    quiet_err = {n: 0.0 for n in counts}  # log-mel error in bins > QUIET_DB under each clip's loudest bin
+    all_err = {n: 0.0 for n in counts}
     for f in files:
         x = load_audio(f, sr)
         codes = codec.encode(x)
@@ -50,6 +56,13 @@ def main() -> None:
             save_audio(args.out / f"k{n}" / f"{f.stem}.wav", y, sr)
             totals[n]["log_mel_l1"] += float(val_mel(y, x)) / len(files)
             totals[n]["snr_db"] += 10 * math.log10(float(x.square().sum()) / float((x - y).square().sum())) / len(files)
+            ref, out = val_mel.mel(x), val_mel.mel(y)
+            err = (out.clamp(min=1e-5).log() - ref.clamp(min=1e-5).log()).abs()
+            quiet = ref < ref.max() * 10 ** (-QUIET_DB / 20)
+            quiet_err[n] += float(err[quiet].sum())
+            all_err[n] += float(err.sum())
+    for n in counts:  # where the validation metric's (and a 1e-5-floored loss') error lives
+        totals[n][f"quiet_share_{QUIET_DB}db"] = quiet_err[n] / max(all_err[n], 1e-12)
     print(json.dumps({"files": len(files), **{f"k{n}": v for n, v in totals.items()}}, indent=1))
 
 
