@@ -322,7 +322,6 @@ class CodecModel(nn.Module):
         return {"recon": recon, "commit": (commit_s + commit_a) / c.num_codebooks,
                 "codes": torch.cat([codes_s, codes_a], dim=1), "replaced": torch.tensor(rep_s + rep_a)}
 
-    @torch.no_grad()
     def freeze_encoder_side(self) -> None:
         """Freeze everything up to and including the quantizer: codes stay exactly what they were."""
         m = self.mimi
