@@ -202,6 +202,27 @@ def test_frames_match_csm_frames(prepared, corpus):
     assert len(segs) > 1 and torch.equal(tokens, ref_tokens) and torch.equal(mask, ref_mask)
 
 
+def test_several_data_dirs_are_one_corpus(prepared, micro_config, tmp_path):
+    """--data a,b: both directories' utterances, their (equal) conversation ids kept apart; tokenizers must match."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared, copy)
+    one = D.load_corpus(prepared, seq_len=256, num_codebooks=K)
+    both = D.load_corpus(f"{prepared},{copy}", seq_len=256, num_codebooks=K)
+    assert len(both.utterances) == 2 * len(one.utterances)
+    assert len(both.examples) == 2 * len(one.examples)  # not merged into conversations of twice the turns
+    assert sorted(both.lengths) == sorted(one.lengths * 2)
+    records = train(_cfg(f"{prepared},{copy}", tmp_path / "run", model_config=micro_config, steps=2))
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert (tmp_path / "run" / "step-000002" / "tokenizer.json").read_text() == (prepared / "tokenizer.json").read_text()
+    (copy / "tokenizer.json").write_text((prepared / "tokenizer.json").read_text().replace("[", "[ ", 1))
+    with pytest.raises(ValueError, match="different tokenizers"):
+        train(_cfg(f"{prepared},{copy}", tmp_path / "bad", model_config=micro_config, steps=1))
+    with pytest.raises(ValueError, match="different tokenizers"):
+        train(_cfg(str(prepared), tmp_path / "bad2", model_config=micro_config, steps=1, eval_data=str(copy)))
+
+
 # --- batches -------------------------------------------------------------------------------------------------------------
 
 

@@ -21,12 +21,14 @@ SCHEDULE_HELP = {
 
 HELP = {
     **SCHEDULE_HELP,
-    "data": "prepared data directory (output of `csm prepare`)",
+    "data": "prepared data directory (output of `csm prepare`); several, comma-separated, train as one corpus "
+            "(prepared with the same tokenizer and codec)",
     "out": "output directory: checkpoints step-NNNNNN/ and log.jsonl",
     "init": "start from this checkpoint (directory, weights file or hub id)",
     "preset": "start from a random model of this preset (e.g. tiny, csm-1b)",
     "model_config": "start from a random model with this CSMConfig JSON file",
-    "eval_data": "held-out prepared directory (default: --eval-fraction of the conversations of --data)",
+    "eval_data": "held-out prepared directory, or several comma-separated (default: --eval-fraction of the "
+                 "conversations of --data)",
     "seq_len": "frames per row (default: the backbone's max_seq_len)",
     "batch_size": "rows per micro-batch per process",
     "pack": "pack several conversations per row (--no-pack: one per row, padded)",

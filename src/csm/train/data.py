@@ -290,11 +290,31 @@ class Corpus:
         return torch.cat(toks), torch.cat(masks)
 
 
-def load_corpus(data_dir: str | os.PathLike, seq_len: int, num_codebooks: int | None = None) -> Corpus:
-    """Read a prepared directory and cut its conversations into examples of at most `seq_len` frames."""
+def data_dirs(spec: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """The prepared directories named by `spec`: one path, a comma-separated list, or a sequence of paths."""
+    parts = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    dirs = [Path(x.strip()) for p in parts for x in str(p).split(",") if x.strip()]
+    if not dirs:
+        raise ValueError("no prepared data directory given")
+    return dirs
+
+
+def shared_tokenizer(dirs: list[Path]) -> Path:
+    """The tokenizer file every directory was prepared with; the ids of two tokenizers cannot be mixed."""
+    for d in dirs:
+        if not (d / TOKENIZER).is_file():
+            raise FileNotFoundError(f"{d / TOKENIZER} not found: is {d} a `csm prepare` output?")
+    first = (dirs[0] / TOKENIZER).read_text(encoding="utf-8")
+    for d in dirs[1:]:
+        if (d / TOKENIZER).read_text(encoding="utf-8") != first:
+            raise ValueError(f"{d} and {dirs[0]} were prepared with different tokenizers (use `csm prepare "
+                             f"--tokenizer {dirs[0] / TOKENIZER}` for both)")
+    return dirs[0] / TOKENIZER
+
+
+def _read_utterances(data_dir: Path, num_codebooks: int | None, tag: str) -> list[Utterance]:
     from safetensors.torch import load_file
 
-    data_dir = Path(data_dir)
     lines = [json.loads(line) for line in _lines(data_dir / INDEX)]
     if not lines:
         raise ValueError(f"{data_dir}: no prepared data ({INDEX} is missing or empty); run `csm prepare` first")
@@ -313,7 +333,19 @@ def load_corpus(data_dir: str | os.PathLike, seq_len: int, num_codebooks: int | 
                     raise ValueError(f"{data_dir} holds {codes.shape[0]} codebooks; the model needs {num_codebooks}")
                 codes = codes[:num_codebooks]
             conv = line["conversation"] if line.get("conversation") is not None else "\0" + line["id"]
-            utts.append(Utterance(codes, tensors[f"{line['key']}.text"], conv, int(line.get("turn") or 0)))
+            utts.append(Utterance(codes, tensors[f"{line['key']}.text"], tag + str(conv), int(line.get("turn") or 0)))
+    return utts
+
+
+def load_corpus(
+    data: str | os.PathLike | Iterable[str | os.PathLike], seq_len: int, num_codebooks: int | None = None
+) -> Corpus:
+    """Read one or several prepared directories (see `data_dirs`) and cut their conversations into examples of at
+    most `seq_len` frames. Several directories are one corpus; their conversation ids are kept apart."""
+    dirs = data_dirs(data)
+    utts = []
+    for k, d in enumerate(dirs):
+        utts += _read_utterances(d, num_codebooks, f"{k}/" if len(dirs) > 1 else "")
     convs = defaultdict(list)
     for i, u in enumerate(utts):
         convs[u.conversation].append(i)
@@ -335,7 +367,7 @@ def load_corpus(data_dir: str | os.PathLike, seq_len: int, num_codebooks: int | 
             examples.append(current)
             lengths.append(length)
     if not examples:
-        raise ValueError(f"{data_dir}: no utterance fits in {seq_len} frames")
+        raise ValueError(f"{', '.join(map(str, dirs))}: no utterance fits in {seq_len} frames")
     return Corpus(utts, examples, lengths, skipped)
 
 

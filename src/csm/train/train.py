@@ -34,7 +34,8 @@ from ..config import CSMConfig, get_config
 from ..model import CSM
 from . import lora as lora_lib
 from .data import (
-    TOKENIZER, Batch, Corpus, audio_targets, collate, decoder_frames, epoch_batches, load_corpus, pack, split_examples,
+    TOKENIZER, Batch, Corpus, audio_targets, collate, decoder_frames, data_dirs, epoch_batches, load_corpus, pack,
+    shared_tokenizer, split_examples,
 )
 
 STATE_FILE, ADAPTERS_FILE, LORA_FILE, LOG_FILE = "train_state.pt", "adapters.safetensors", "lora.json", "log.jsonl"
@@ -42,7 +43,7 @@ STATE_FILE, ADAPTERS_FILE, LORA_FILE, LOG_FILE = "train_state.pt", "adapters.saf
 
 @dataclass
 class TrainConfig:
-    data: str  # a `csm prepare` output directory
+    data: str  # a `csm prepare` output directory, or several comma-separated (one corpus)
     out: str  # checkpoints and log.jsonl go here
     # The model: one of init (checkpoint dir / file / hub id), preset (random init), model_config (JSON, random init).
     init: str | None = None
@@ -50,7 +51,7 @@ class TrainConfig:
     model_config: str | None = None
     resume: str | None = None  # a checkpoint directory, or "latest" (the newest one in `out`)
     # Data
-    eval_data: str | None = None  # held-out prepared directory; default: eval_fraction of the conversations of data
+    eval_data: str | None = None  # held-out prepared dir(s); default: eval_fraction of the conversations of data
     eval_fraction: float = 0.02
     seq_len: int = 0  # frames per row; 0: the backbone's max_seq_len
     batch_size: int = 8  # rows per micro-batch (per process)
@@ -207,7 +208,7 @@ def _full_state_dict(module: nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
 
 
 def save_training_checkpoint(
-    cfg: TrainConfig, module: nn.Module, optimizer: torch.optim.Optimizer, state: dict, d: Dist, data_dir: Path
+    cfg: TrainConfig, module: nn.Module, optimizer: torch.optim.Optimizer, state: dict, d: Dist, tokenizer_file: Path
 ) -> Path | None:
     """out/step-NNNNNN/: model.safetensors + config.json (+ adapters), tokenizer.json, train_state.pt."""
     model_cfg = _unwrap(module).model.cfg
@@ -237,7 +238,7 @@ def save_training_checkpoint(
         (tmp / LORA_FILE).write_text(json.dumps(lora_meta, indent=2) + "\n")
     else:
         save_state_dict(model_cfg, sd, tmp)
-    shutil.copy(data_dir / TOKENIZER, tmp / TOKENIZER)
+    shutil.copy(tokenizer_file, tmp / TOKENIZER)
     torch.save({**state, "world_size": d.world, "optimizer": opt_state, "config": dataclasses.asdict(cfg)},
                tmp / STATE_FILE)
     shutil.rmtree(final, ignore_errors=True)
@@ -306,15 +307,14 @@ def _autocast(device: torch.device):
 
 def load_data(cfg: TrainConfig, model_cfg: CSMConfig, seq_len: int) -> tuple[Corpus, list[int], Corpus, list]:
     """(train corpus, its training example ids, eval corpus, eval batches) checked against the model."""
-    data_dir = Path(cfg.data)
-    corpus = load_corpus(data_dir, seq_len, model_cfg.audio_num_codebooks)
-    _check_vocab(corpus, model_cfg, data_dir)
+    dirs = data_dirs(cfg.data)
+    corpus = load_corpus(dirs, seq_len, model_cfg.audio_num_codebooks)
+    _check_vocab(corpus, model_cfg, cfg.data)
     if cfg.eval_data:
-        eval_dir = Path(cfg.eval_data)
-        if (eval_dir / TOKENIZER).read_text(encoding="utf-8") != (data_dir / TOKENIZER).read_text(encoding="utf-8"):
-            raise ValueError(f"{eval_dir} and {data_dir} were prepared with different tokenizers")
-        eval_corpus = load_corpus(eval_dir, seq_len, model_cfg.audio_num_codebooks)
-        _check_vocab(eval_corpus, model_cfg, eval_dir)
+        eval_dirs = data_dirs(cfg.eval_data)
+        shared_tokenizer(dirs + eval_dirs)
+        eval_corpus = load_corpus(eval_dirs, seq_len, model_cfg.audio_num_codebooks)
+        _check_vocab(eval_corpus, model_cfg, cfg.eval_data)
         train_ids, eval_ids = list(range(len(corpus.examples))), list(range(len(eval_corpus.examples)))
     else:
         eval_corpus = corpus
@@ -348,11 +348,10 @@ def train(cfg: TrainConfig) -> list[dict]:
     d, device = setup_distributed(cfg.device)
     if cfg.fsdp and d.world == 1:
         cfg = dataclasses.replace(cfg, fsdp=False)  # nothing to shard in one process
-    out, data_dir = Path(cfg.out), Path(cfg.data)
+    out = Path(cfg.out)
     if cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.amortization < 1:
         raise ValueError("batch_size, grad_accum and amortization must be >= 1")
-    if not (data_dir / TOKENIZER).is_file():
-        raise FileNotFoundError(f"{data_dir / TOKENIZER} not found: is {data_dir} a `csm prepare` output?")
+    tokenizer_file = shared_tokenizer(data_dirs(cfg.data))
 
     resume_dir = find_resume_dir(cfg) if cfg.resume else None
     state = torch.load(resume_dir / STATE_FILE, weights_only=True) if resume_dir else None
@@ -489,7 +488,7 @@ def train(cfg: TrainConfig) -> list[dict]:
                 _log(out, record)
         if ((cfg.save_every and step % cfg.save_every == 0) or last) and step != last_saved:
             progress = {"step": step, "epoch": epoch, "pos": pos, "train_seconds": train_seconds}
-            path = save_training_checkpoint(cfg, module, optimizer, progress, d, data_dir)
+            path = save_training_checkpoint(cfg, module, optimizer, progress, d, tokenizer_file)
             last_saved = step
             if d.main:
                 print(f"saved {path}", flush=True)
@@ -520,7 +519,7 @@ def _warn_if_data_order_changes(state: dict, cfg: TrainConfig, d: Dist) -> None:
               f"uninterrupted run", flush=True)
 
 
-def _check_vocab(corpus: Corpus, model_cfg: CSMConfig, data_dir: Path) -> None:
+def _check_vocab(corpus: Corpus, model_cfg: CSMConfig, data_dir: str) -> None:
     max_text = max(int(u.text.max()) for u in corpus.utterances)
     max_code = max(int(u.codes.max()) for u in corpus.utterances)
     if max_text >= model_cfg.text_vocab_size:
