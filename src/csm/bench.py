@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.no_transformers:  # transformers runs the unquantized weights, built before we quantize
             reference = bench_transformers(model, tokenizer, args.text, frames, ref_batches)
         quantize_int8(model)
-    gen = Generator(model, tokenizer, _codec(args, device), engine=engine)
+    gen = Generator(model, tokenizer, _codec(args, device), engine=engine, fuse=not args.no_fuse)
     print(f"benchmarking {args.model or args.preset} ({n_params / 1e6:.0f} M params, {dtype}) on "
           f"{_device_name(device)}; engine={gen.engine}; {frames} frames", file=sys.stderr)
     ours = bench_ours(gen, args.text, frames, batch_sizes, args.chunk_frames)
@@ -212,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
         "model": args.model or args.preset,
         "engine": gen.engine,
         "quantize": args.quantize,
+        "fused_projections": not args.no_fuse,
         "text": args.text,
         "ours": {k: v for k, v in ours.items() if k != "codes"},
     }
@@ -259,7 +260,8 @@ def format_table(r: dict) -> str:
         agree = "yes" if t["same_codes"] else f"first {t['same_leading_frames']} of {t['frames']} frames"
         rows.append(("speedup", f"{r['speedup_vs_transformers']:.2f}x; same greedy codes: {agree}"))
     width = max(len(k) for k, _ in rows)
-    head = f"{r['model']} on {r['device']} ({r['dtype']}, engine={r['engine']}, quantize={r['quantize']})"
+    head = f"{r['model']} on {r['device']} ({r['dtype']}, engine={r['engine']}, quantize={r['quantize']}, "
+    head += f"fused={r.get('fused_projections', True)})"
     return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in rows])
 
 
@@ -278,6 +280,8 @@ def add_subcommand(sub) -> None:
                    help="also time transformers at --batch-sizes (slow on a CPU)")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 weight-only linears for our engine (transformers keeps full precision)")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="keep q/k/v and gate/up as separate projections (to measure what fusing them buys)")
     p.add_argument("--text", default=DEFAULT_TEXT)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")

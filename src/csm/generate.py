@@ -200,10 +200,12 @@ class Generator:
 
     The model is switched to its inference layout in place: eval mode, q/k/v and gate/up projections fused
     (`CSM.fuse_projections`: two matrix-vector products per layer instead of five; the maths is unchanged).
+    `fuse=False` keeps the five separate projections (for measuring what fusion buys: `csm bench --no-fuse`).
     """
 
-    def __init__(self, model: CSM, tokenizer: TextTokenizer, codec: Codec | None = None, *, engine: str | None = None):
-        self.model = model.eval().fuse_projections()
+    def __init__(self, model: CSM, tokenizer: TextTokenizer, codec: Codec | None = None, *, engine: str | None = None,
+                 fuse: bool = True):
+        self.model = model.eval().fuse_projections() if fuse else model.eval()
         self.tokenizer = tokenizer
         self.codec = codec
         self.num_codebooks = model.cfg.audio_num_codebooks
