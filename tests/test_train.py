@@ -238,6 +238,33 @@ def test_amortization_selects_fraction_of_audio_frames(corpus):
     assert int(D.audio_targets(batch.mask, K).sum()) == expected
 
 
+def test_noisy_codes_swap_only_acoustic_codes_of_audio_frames(corpus):
+    batch = D.collate(corpus, D.pack(range(len(corpus.examples)), corpus.lengths, 256)[:2])
+    tokens, mask = batch.tokens, batch.mask
+    noisy = D.noisy_codes(tokens, mask, K, 0.5, torch.Generator().manual_seed(0))
+    audio = mask[..., 0] & tokens[..., :K].any(-1)
+    assert torch.equal(noisy[~audio], tokens[~audio])  # text, padding and EOS frames untouched
+    assert torch.equal(noisy[..., 0], tokens[..., 0]) and torch.equal(noisy[..., K], tokens[..., K])  # c0 and text
+    changed = (noisy[audio][:, 1:K] != tokens[audio][:, 1:K]).float().mean()
+    assert 0.2 < changed < 0.55  # ~half swapped (a swap can draw an equal code)
+    for j in range(1, K):  # every new value is a code the same codebook has somewhere in the batch
+        assert set(noisy[audio][:, j].tolist()) <= set(tokens[audio][:, j].tolist())
+    assert D.noisy_codes(tokens, mask, K, 0.0, torch.Generator()) is tokens
+
+
+def test_code_noise_trains_and_is_resumable(prepared, micro_config, tmp_path):
+    """--code-noise: the backbone reads noisy codes, targets stay clean; the noise is a function of (seed, step)."""
+    full = train(_cfg(prepared, tmp_path / "a", model_config=micro_config, save_every=3, code_noise=0.5))
+    clean = train(_cfg(prepared, tmp_path / "c", model_config=micro_config, steps=1))
+    assert full[0]["loss"] != pytest.approx(clean[0]["loss"], abs=1e-6)  # the noise reached the backbone
+    resumed = train(_cfg(prepared, tmp_path / "b", model_config=micro_config, code_noise=0.5,
+                         resume=str(tmp_path / "a" / "step-000003")))
+    for r, ref in zip(resumed, full[3:]):
+        assert r["loss"] == pytest.approx(ref["loss"], abs=1e-6, rel=0)
+    with pytest.raises(ValueError, match="code_noise"):
+        train(_cfg(prepared, tmp_path / "d", model_config=micro_config, code_noise=1.5))
+
+
 def test_packing_masks_positions_and_loss(corpus):
     ids = [0, 1, 2]
     packed = D.collate(corpus, [ids])

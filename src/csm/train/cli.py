@@ -37,6 +37,8 @@ HELP = {
     "grad_clip": "clip the gradient norm to this (0: off)",
     "grad_accum": "micro-batches per optimizer step",
     "amortization": "train the decoder on 1/N of the audio frames",
+    "code_noise": "chance that each acoustic code (codebooks 1..K-1) the backbone reads is swapped for another "
+                  "frame's; makes it robust to the decoder's sampling (small/synthetic corpora: ~0.5)",
     "grad_checkpointing": "recompute activations in the backward pass (less memory, ~30%% slower)",
     "lora_rank": "LoRA fine-tuning with adapters of this rank (0: full fine-tuning)",
     "lora_train_heads": "with LoRA, also train the codebook-0 and decoder output heads",

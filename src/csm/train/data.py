@@ -464,3 +464,26 @@ def decoder_frames(num_audio: int, amortization: int, generator: torch.Generator
         return torch.zeros(0, dtype=torch.long)
     n = max(1, round(num_audio / amortization))
     return torch.randperm(num_audio, generator=generator)[:n].sort().values
+
+
+def noisy_codes(tokens: torch.Tensor, mask: torch.Tensor, num_codebooks: int, rate: float,
+                generator: torch.Generator) -> torch.Tensor:
+    """A copy of the batch's tokens [B, S, K+1] for the backbone to read, in which each acoustic code (codebooks
+    1..K-1) of each audio frame is, with probability `rate`, swapped for the same codebook's code of a random audio
+    frame of the batch. The marginal distribution of codes is kept; only which frame they belong to is lost.
+
+    Why: at generation time the backbone reads acoustic codes the decoder *sampled*, which often differ from the
+    ones a deterministic (e.g. synthetic) corpus pairs with the next frame. A backbone trained only on clean codes
+    leans on them and drifts into babble; one trained on noisy codes leans on codebook 0 and the text instead.
+    End-of-utterance frames (all zero) are left alone; targets are built from the clean tokens."""
+    k = num_codebooks
+    frames = mask[..., 0] & tokens[..., :k].any(-1)  # [B, S] audio frames, EOS excluded
+    src = tokens[frames][:, 1:k]  # [N, K-1]
+    if rate <= 0 or len(src) < 2:
+        return tokens
+    swap = torch.rand(src.shape, generator=generator) < rate
+    donor = torch.randint(len(src), src.shape, generator=generator)  # per code: which frame to take it from
+    replaced = torch.where(swap, src.gather(0, donor), src)
+    out = tokens.clone()
+    out[..., 1:k][frames] = replaced.to(tokens.dtype)
+    return out

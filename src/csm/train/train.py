@@ -34,8 +34,8 @@ from ..config import CSMConfig, get_config
 from ..model import CSM
 from . import lora as lora_lib
 from .data import (
-    TOKENIZER, Batch, Corpus, audio_targets, collate, decoder_frames, data_dirs, epoch_batches, load_corpus, pack,
-    shared_tokenizer, split_examples,
+    TOKENIZER, Batch, Corpus, audio_targets, collate, decoder_frames, data_dirs, epoch_batches, load_corpus,
+    noisy_codes, pack, shared_tokenizer, split_examples,
 )
 
 STATE_FILE, ADAPTERS_FILE, LORA_FILE, LOG_FILE = "train_state.pt", "adapters.safetensors", "lora.json", "log.jsonl"
@@ -69,6 +69,7 @@ class TrainConfig:
     grad_accum: int = 1
     amortization: int = 16  # the decoder is trained on 1/amortization of the audio frames
     decoder_loss_weight: float = 1.0
+    code_noise: float = 0.0  # chance that each acoustic code the backbone reads is swapped (data.noisy_codes)
     grad_checkpointing: bool = False
     # LoRA (rank 0: full fine-tuning)
     lora_rank: int = 0
@@ -103,10 +104,13 @@ class CSMLoss(nn.Module):
         input_pos: torch.Tensor | None,
         attn_mask: torch.Tensor | None,
         decoder_idx: torch.Tensor,
+        backbone_tokens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (loss, codebook-0 loss, decoder loss). decoder_idx picks among the batch's audio frames, in order."""
+        """-> (loss, codebook-0 loss, decoder loss). decoder_idx picks among the batch's audio frames, in order.
+        backbone_tokens: what the backbone reads instead of `tokens` (noisy codes); targets come from `tokens`."""
         k = self.model.cfg.audio_num_codebooks
-        h, logits = self.model.backbone_forward(tokens, mask, input_pos, attn_mask)
+        h, logits = self.model.backbone_forward(tokens if backbone_tokens is None else backbone_tokens, mask,
+                                                input_pos, attn_mask)
         target = audio_targets(mask, k)  # hidden state t predicts audio frame t+1
         frames = tokens[:, 1:, :k][target]  # [N, K]
         c0 = F.cross_entropy(logits[:, :-1][target].float(), frames[:, 0]) if len(frames) else logits.sum() * 0
@@ -127,9 +131,10 @@ def lr_at(cfg, step: int, time_fraction: float = 0.0) -> float:
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def _decoder_generator(seed: int, step: int, micro: int) -> torch.Generator:
-    # A function of (seed, step, micro-batch) only: resumed and multi-process runs pick the same frames.
-    return torch.Generator().manual_seed((seed * 1_000_000_007 + step * 1_009 + micro) % 2**63)
+def _decoder_generator(seed: int, step: int, micro: int, stream: int = 0) -> torch.Generator:
+    # A function of (seed, step, micro-batch) only: resumed and multi-process runs pick the same frames (and
+    # noisy codes: stream 1).
+    return torch.Generator().manual_seed((seed * 1_000_000_007 + step * 1_009 + micro + stream * 7_919) % 2**63)
 
 
 # --- distributed ----------------------------------------------------------------------------------------------------
@@ -351,6 +356,8 @@ def train(cfg: TrainConfig) -> list[dict]:
     out = Path(cfg.out)
     if cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.amortization < 1:
         raise ValueError("batch_size, grad_accum and amortization must be >= 1")
+    if not 0 <= cfg.code_noise <= 1:
+        raise ValueError(f"code_noise must be in [0, 1], got {cfg.code_noise}")
     tokenizer_file = shared_tokenizer(data_dirs(cfg.data))
 
     resume_dir = find_resume_dir(cfg) if cfg.resume else None
@@ -444,6 +451,8 @@ def train(cfg: TrainConfig) -> list[dict]:
             batch = collate(corpus, batches[pos + global_micro])
             n_audio = int(audio_targets(batch.mask, k).sum())
             idx = decoder_frames(n_audio, cfg.amortization, _decoder_generator(cfg.seed, step, global_micro))
+            noisy = noisy_codes(batch.tokens, batch.mask, k, cfg.code_noise,
+                                _decoder_generator(cfg.seed, step, global_micro, stream=1)) if cfg.code_noise else None
             last = micro == cfg.grad_accum - 1
             # Reduce gradients across processes only after the last micro-batch.
             sync = module.no_sync() if isinstance(module, nn.parallel.DistributedDataParallel) and not last \
@@ -452,7 +461,8 @@ def train(cfg: TrainConfig) -> list[dict]:
                 module.set_requires_gradient_sync(last)
             with sync:
                 with _autocast(device):
-                    loss, c0, dec = module(*_inputs(batch.to(device)), idx.to(device))
+                    loss, c0, dec = module(*_inputs(batch.to(device)), idx.to(device),
+                                           None if noisy is None else noisy.to(device))
                 (loss / cfg.grad_accum).backward()
             window["loss"] += loss.detach() / cfg.grad_accum
             window["c0"] += c0 / cfg.grad_accum
