@@ -24,12 +24,15 @@ from csm.mimi.weights import save_mimi
 STORE = torch.float16  # 10 mantissa bits: finer than bf16 for the small weights of a tiny model
 
 
-def _last(log: Path, key: str) -> dict:
-    """The last record of a log.jsonl that holds `key` ({} when none)."""
+def _last(checkpoint: Path, key: str) -> dict:
+    """The last record of the run's log.jsonl that holds `key`, up to the checkpoint's step ({} when none): the
+    run may have gone on after the checkpoint being packaged."""
+    log = checkpoint.parent / "log.jsonl"
     if not log.is_file():
         return {}
+    step = int(checkpoint.name.removeprefix("step-")) if checkpoint.name.startswith("step-") else float("inf")
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    return next((r for r in reversed(rows) if key in r), {})
+    return next((r for r in reversed(rows) if key in r and r.get("step", 0) <= step), {})
 
 
 def _fits_float16(model: torch.nn.Module, what: str) -> None:
@@ -43,12 +46,10 @@ def _mb(path: Path) -> float:
 
 
 def card(args, model, codec, out: Path) -> str:
-    corpus = json.loads((Path(args.corpus) / "corpus.json").read_text()) if args.corpus else {}
-    manifest = Path(args.corpus) / "manifest.jsonl" if args.corpus else None
-    n_utt = sum(1 for _ in manifest.open()) if manifest and manifest.is_file() else None
-    train_last = _last(Path(args.model).parent / "log.jsonl", "loss")
-    eval_last = _last(Path(args.model).parent / "log.jsonl", "eval_loss")
-    codec_last = _last(Path(args.codec).parent / "log.jsonl", "val_mel_l1")
+    corpora = [(Path(c), json.loads((Path(c) / "corpus.json").read_text())) for c in args.corpus]
+    train_last = _last(Path(args.model), "loss")
+    eval_last = _last(Path(args.model), "eval_loss")
+    codec_last = _last(Path(args.codec), "val_mel_l1")
     scores = json.loads(Path(args.eval).read_text())["summary"] if args.eval else {}
     c = model.cfg
     lines = [
@@ -60,10 +61,14 @@ def card(args, model, codec, out: Path) -> str:
         "",
         "## Data",
     ]
-    if corpus:
-        lines.append(f"Synthetic conversations made offline by `scripts/make_corpus.py` (seed {corpus.get('seed')})"
-                     + (f", {n_utt} utterances" if n_utt else "") + "; speakers:")
-        lines += [f"- {i}: {v.get('description', v.get('name'))}" for i, v in enumerate(corpus.get("voices", []))]
+    for path, corpus in corpora:
+        manifest = path / "manifest.jsonl"
+        n_utt = sum(1 for _ in manifest.open()) if manifest.is_file() else None
+        lines.append(f"- Synthetic conversations made offline by `scripts/make_corpus.py` (seed {corpus.get('seed')})"
+                     + (f", {n_utt} utterances" if n_utt else "") + ".")
+    if corpora:
+        lines += ["", "Speakers:"]
+        lines += [f"- {i}: {v.get('description', v.get('name'))}" for i, v in enumerate(corpora[0][1].get("voices", []))]
     lines += ["", "## Models", ""]
     lines.append(f"- CSM: backbone {c.backbone.n_layers} layers × {c.backbone.dim}, decoder {c.decoder.n_layers} "
                  f"layers × {c.decoder.dim}, {c.audio_num_codebooks} codebooks, text vocabulary {c.text_vocab_size}; "
@@ -73,6 +78,13 @@ def card(args, model, codec, out: Path) -> str:
                      f"{train_last['loss']:.3f} (codebook 0 {train_last['c0_loss']:.3f}, decoder "
                      f"{train_last['decoder_loss']:.3f})" + (f", held-out loss {eval_last['eval_loss']:.3f}"
                                                              if eval_last else "") + ".")
+    state = Path(args.model) / "train_state.pt"
+    if state.is_file():
+        run = torch.load(state, weights_only=True)
+        cfg = run["config"]
+        lines.append(f"  Last run: `--data {cfg['data']}`, `--init {cfg['init']}`, lr {cfg['lr']:g} → {cfg['min_lr']:g}, "
+                     f"batch {cfg['batch_size']} × {cfg['seq_len']} frames, decoder on 1/{cfg['amortization']} of the "
+                     f"frames, `--code-noise {cfg.get('code_noise', 0.0):g}`, {run['train_seconds'] / 60:.0f} min.")
     cc = codec.cfg
     lines.append(f"- Codec: Mimi architecture, {sum(p.numel() for p in codec.parameters()) / 1e6:.1f} M parameters, "
                  f"{cc.num_codebooks} codebooks × {cc.codebook_size} at {cc.frame_rate:g} Hz, {cc.sample_rate} Hz audio.")
@@ -101,7 +113,8 @@ def main() -> None:
     p.add_argument("--model", required=True, help="a `csm train` checkpoint directory (step-NNNNNN)")
     p.add_argument("--codec", required=True, help="a `csm train-codec` checkpoint directory")
     p.add_argument("--out", required=True, help="model directory to write (replaced)")
-    p.add_argument("--corpus", default=None, help="the make_corpus.py folder (corpus.json, manifest.jsonl)")
+    p.add_argument("--corpus", action="append", default=[],
+                   help="a make_corpus.py folder the voice was trained on (corpus.json, manifest.jsonl); repeatable")
     p.add_argument("--eval", default=None, help="`csm eval --json` output for this model")
     p.add_argument("--notes", default="", help="a paragraph for the card (e.g. where the training ran)")
     args = p.parse_args()
