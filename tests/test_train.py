@@ -202,7 +202,7 @@ def test_frames_match_csm_frames(prepared, corpus):
     assert len(segs) > 1 and torch.equal(tokens, ref_tokens) and torch.equal(mask, ref_mask)
 
 
-def test_several_data_dirs_are_one_corpus(prepared, micro_config, tmp_path):
+def test_several_data_dirs_are_one_corpus(prepared, micro_config, tmp_path, capsys):
     """--data a,b: both directories' utterances, their (equal) conversation ids kept apart; tokenizers must match."""
     import shutil
 
@@ -213,6 +213,12 @@ def test_several_data_dirs_are_one_corpus(prepared, micro_config, tmp_path):
     assert len(both.utterances) == 2 * len(one.utterances)
     assert len(both.examples) == 2 * len(one.examples)  # not merged into conversations of twice the turns
     assert sorted(both.lengths) == sorted(one.lengths * 2)
+    # Held-out data whose lines all occur in training is flagged (the eval loss would measure memorisation).
+    ids = list(range(len(one.examples)))
+    assert D.shared_text_fraction(one, ids, both, list(range(len(both.examples)))) == 1.0
+    assert D.shared_text_fraction(one, ids[:1], one, ids[1:]) < 1.0
+    train(_cfg(str(prepared), tmp_path / "warn", model_config=micro_config, steps=1, eval_data=str(copy)))
+    assert "100% of the held-out utterances" in capsys.readouterr().out
     records = train(_cfg(f"{prepared},{copy}", tmp_path / "run", model_config=micro_config, steps=2))
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
     assert (tmp_path / "run" / "step-000002" / "tokenizer.json").read_text() == (prepared / "tokenizer.json").read_text()

@@ -382,6 +382,14 @@ def split_examples(corpus: Corpus, eval_fraction: float, seed: int) -> tuple[lis
     return train, evals
 
 
+def shared_text_fraction(train: Corpus, train_ids: list[int], held: Corpus, held_ids: list[int]) -> float:
+    """Share of the held-out utterances whose text (token ids, speaker tag included) also occurs in training. High
+    for templated or synthetic corpora: the eval loss then measures recall of memorised lines as much as speech."""
+    seen = {tuple(train.utterances[i].text.tolist()) for ex in train_ids for i in train.examples[ex]}
+    held_utts = [held.utterances[i] for ex in held_ids for i in held.examples[ex]]
+    return sum(tuple(u.text.tolist()) in seen for u in held_utts) / max(1, len(held_utts))
+
+
 # --- packing and batches ----------------------------------------------------------------------------------------
 
 

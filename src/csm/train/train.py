@@ -35,7 +35,8 @@ from ..model import CSM
 from . import lora as lora_lib
 from .data import (
     TOKENIZER, Batch, Corpus, audio_targets, collate, decoder_frames, data_dirs, epoch_batches, load_corpus,
-    noisy_codes, pack, shared_tokenizer, split_examples,
+    noisy_codes, pack, shared_text_fraction, shared_tokenizer,
+    split_examples,
 )
 
 STATE_FILE, ADAPTERS_FILE, LORA_FILE, LOG_FILE = "train_state.pt", "adapters.safetensors", "lora.json", "log.jsonl"
@@ -324,6 +325,11 @@ def load_data(cfg: TrainConfig, model_cfg: CSMConfig, seq_len: int) -> tuple[Cor
     else:
         eval_corpus = corpus
         train_ids, eval_ids = split_examples(corpus, cfg.eval_fraction, cfg.seed)
+    shared = shared_text_fraction(corpus, train_ids, eval_corpus, eval_ids) if eval_ids else 0.0
+    if shared > 0.1 and int(os.environ.get("RANK", "0")) == 0:
+        print(f"warning: {100 * shared:.0f}% of the held-out utterances have a text (and speaker) that also occurs "
+              "in the training data, so the eval loss partly measures memorised lines; for a templated corpus give "
+              "--eval-data with unseen sentences", flush=True)
     eval_rows = pack(eval_ids, eval_corpus.lengths, seq_len, cfg.pack)
     eval_batches = [eval_rows[i : i + cfg.batch_size] for i in range(0, len(eval_rows), cfg.batch_size)]
     return corpus, train_ids, eval_corpus, eval_batches[: cfg.eval_batches]
