@@ -467,3 +467,21 @@ def test_probe_codes_script(prepared, micro_config, tmp_path):
     assert set(values) == {"acoustic codes clean", "acoustic codes swap p=0.25", "acoustic codes swap p=0.5",
                            "acoustic codes swap all", "greedy free-running (first turns)"}
     assert all(0 <= v <= 100 for v in values.values())
+
+
+def test_split_prepared_script_holds_out_unseen_conversations(prepared, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "scripts" / "split_prepared.py"
+    subprocess.run([sys.executable, str(script), str(prepared), str(tmp_path / "a"), "--eval", "2"], check=True,
+                   capture_output=True)
+    train_c, eval_c = (D.load_corpus(tmp_path / "a" / x, seq_len=256) for x in ("train", "eval"))
+    convs = lambda c: {u.conversation for u in c.utterances}  # noqa: E731
+    assert len(convs(eval_c)) == 2 and not convs(eval_c) & convs(train_c)
+    assert len(train_c.utterances) + len(eval_c.utterances) == len(D.load_corpus(prepared, seq_len=256).utterances)
+    # Against itself every sentence is seen: nothing can be held out.
+    subprocess.run([sys.executable, str(script), str(prepared), str(tmp_path / "b"), "--unseen-in", str(prepared)],
+                   check=True, capture_output=True)
+    assert (tmp_path / "b" / "eval" / "index.jsonl").read_text() == ""
