@@ -218,3 +218,26 @@ def test_fused_projections_keep_the_maths_and_save_unfused(tokenizer, tmp_path):
     assert set(loaded.state_dict()) == set(reference)
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, reference[k]), k
+
+
+def test_model_directory_generation_defaults(tokenizer, tmp_path):
+    """generation.json in a model directory sets speaker / temperature / topk for calls that leave them unset."""
+    import json
+
+    from csm.checkpoints import save_checkpoint
+    from csm.generate import load_generator
+
+    torch.manual_seed(0)
+    save_checkpoint(CSM(get_config("tiny")), tmp_path)
+    tokenizer.save(tmp_path / "tokenizer.json")
+    plain = load_generator(tmp_path, device="cpu")
+    assert plain.defaults == {"speaker": 0, "temperature": 0.9, "topk": 50}
+    (tmp_path / "generation.json").write_text(json.dumps({"speaker": 2, "topk": 1}))
+    gen = load_generator(tmp_path, device="cpu")
+    assert gen.defaults == {"speaker": 2, "temperature": 0.9, "topk": 1}
+    line = dict(max_audio_length_ms=480, seed=3)
+    assert torch.equal(gen.generate("hello", **line).codes, plain.generate("hello", 2, topk=1, **line).codes)
+    assert torch.equal(gen.generate("hello", 1, topk=50, **line).codes, plain.generate("hello", 1, **line).codes)
+    (tmp_path / "generation.json").write_text(json.dumps({"top_k": 5}))
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_generator(tmp_path, device="cpu")

@@ -709,6 +709,9 @@ def _generate(args, corpus: list[CorpusClip] | None, timings: dict):
         raise ValueError("csm eval needs an audio codec to score speech (got --codec none)")
     codec = _load_codec(model, args.codec, args.device)
     gen = load_generator(model, device=args.device, codec=codec)
+    for key in ("speaker", "temperature", "topk"):  # unset: the model's defaults (generation.json), recorded as used
+        if getattr(args, key) is None:
+            setattr(args, key, gen.defaults[key])
     timings["model_load_s"] = round(time.perf_counter() - t0, 2)
 
     if corpus is not None:
@@ -810,11 +813,12 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
                      help="make_corpus.py manifest.jsonl (or its folder): speakers, context and reference clips")
     src.add_argument("--num", type=int, default=0, help="score only the first N sentences")
     src.add_argument("--speakers", default=None, help="comma-separated target speakers (default: all in corpus)")
-    src.add_argument("--speaker", type=int, default=0, help="speaker id when there is no --corpus")
+    src.add_argument("--speaker", type=int, default=None,
+                     help="speaker id when there is no --corpus (default: the model's, else 0)")
     g = p.add_argument_group("generation")
     g.add_argument("--max-ms", type=float, default=0, help="budget per line (default: 2 s + 0.6 s/word, <= 10 s)")
-    g.add_argument("--temperature", type=float, default=0.9)
-    g.add_argument("--topk", type=int, default=50)
+    g.add_argument("--temperature", type=float, default=None, help="default: the model's (generation.json), else 0.9")
+    g.add_argument("--topk", type=int, default=None, help="default: the model's (generation.json), else 50")
     g.add_argument("--seed", type=int, default=0, help="sampling seed of line i is seed + i; also picks clips")
     g.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads for torch and Whisper (default: auto)")

@@ -25,6 +25,8 @@ from .model import CSM, causal_mask
 from .tokenizer import TextTokenizer
 
 FRAME_MS = 80  # Mimi: 12.5 frames per second
+# Sampling defaults (Sesame's); a model directory may override them with a generation.json (see load_generator).
+DEFAULTS = {"speaker": 0, "temperature": 0.9, "topk": 50}
 
 
 class Codec(Protocol):
@@ -208,6 +210,7 @@ class Generator:
         self.model = model.eval().fuse_projections() if fuse else model.eval()
         self.tokenizer = tokenizer
         self.codec = codec
+        self.defaults = dict(DEFAULTS)  # speaker / temperature / topk used when generate() is not given them
         self.num_codebooks = model.cfg.audio_num_codebooks
         self.sample_rate = codec.sample_rate if codec is not None else 24_000
         self.engine = engine or ("graph" if self.device.type == "cuda" else "eager")
@@ -347,14 +350,25 @@ class Generator:
     def generate(
         self,
         text: str,
-        speaker: int = 0,
+        speaker: int | None = None,
         context: Sequence[Segment] = (),
         max_audio_length_ms: float = 10_000,
-        temperature: float = 0.9,
-        topk: int = 50,
+        temperature: float | None = None,
+        topk: int | None = None,
         seed: int | None = None,
     ) -> Speech:
-        return self.generate_batch([Request(text, speaker, context, max_audio_length_ms, temperature, topk, seed)])[0]
+        """Speak one line. speaker / temperature / topk left as None take `self.defaults`."""
+        return self.generate_batch([self.request(text, speaker, context, max_audio_length_ms, temperature, topk,
+                                                 seed)])[0]
+
+    def request(self, text: str, speaker: int | None = None, context: Sequence[Segment] = (),
+                max_audio_length_ms: float = 10_000, temperature: float | None = None, topk: int | None = None,
+                seed: int | None = None) -> Request:
+        """A Request, with the model's defaults for whatever is None."""
+        d = self.defaults
+        return Request(text, d["speaker"] if speaker is None else speaker, context, max_audio_length_ms,
+                       d["temperature"] if temperature is None else temperature, d["topk"] if topk is None else topk,
+                       seed)
 
     def stream(self, request: Request, chunk_frames: int = 4) -> Iterator[torch.Tensor]:
         """Yield audio chunks [T] (float, codec sample rate) as frames are produced: every `chunk_frames` frames,
@@ -418,4 +432,27 @@ def load_generator(
     elif quantize is not None:
         raise ValueError(f"unknown quantization {quantize!r}; supported: int8")
     tokenizer = TextTokenizer.from_pretrained(source)
-    return Generator(model, tokenizer, codec, engine=engine)
+    gen = Generator(model, tokenizer, codec, engine=engine)
+    gen.defaults.update(generation_defaults(source))
+    return gen
+
+
+def generation_defaults(source: str | os.PathLike) -> dict:
+    """The sampling defaults a model directory recommends in generation.json ({"speaker", "temperature", "topk"},
+    all optional), e.g. the embedded voice, whose tiny model speaks more clearly with a small top-k; {} if none."""
+    import json
+
+    from .hub import ModelFilesNotFound, find_files
+
+    try:
+        path = find_files(source, ["generation.json"])
+    except ModelFilesNotFound:
+        return {}
+    try:
+        found = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    unknown = set(found) - set(DEFAULTS) if isinstance(found, dict) else {"(not an object)"}
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected some of {sorted(DEFAULTS)}")
+    return found
