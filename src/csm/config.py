@@ -79,6 +79,14 @@ PRESETS: dict[str, CSMConfig] = {
         decoder=TransformerConfig(n_layers=2, dim=32, n_heads=4, n_kv_heads=2, intermediate_size=64, max_seq_len=32),
         text_vocab_size=512,
     ),
+    # The embedded voice (13.5 M): for the `embedded` codec preset (8 codebooks x 512) and a 512-token BPE.
+    "embedded": CSMConfig(
+        backbone=TransformerConfig(n_layers=6, dim=384, n_heads=6, n_kv_heads=2, intermediate_size=1024, max_seq_len=512),
+        decoder=TransformerConfig(n_layers=3, dim=192, n_heads=3, n_kv_heads=1, intermediate_size=576, max_seq_len=8),
+        text_vocab_size=512,
+        audio_vocab_size=515,
+        audio_num_codebooks=8,
+    ),
 }
 
 
