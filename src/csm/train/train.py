@@ -35,8 +35,7 @@ from ..model import CSM
 from . import lora as lora_lib
 from .data import (
     TOKENIZER, Batch, Corpus, audio_targets, collate, decoder_frames, data_dirs, epoch_batches, load_corpus,
-    noisy_codes, pack, shared_text_fraction, shared_tokenizer,
-    split_examples,
+    noisy_codes, pack, shared_text_fraction, shared_tokenizer, split_examples,
 )
 
 STATE_FILE, ADAPTERS_FILE, LORA_FILE, LOG_FILE = "train_state.pt", "adapters.safetensors", "lora.json", "log.jsonl"
@@ -132,9 +131,9 @@ def lr_at(cfg, step: int, time_fraction: float = 0.0) -> float:
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def _decoder_generator(seed: int, step: int, micro: int, stream: int = 0) -> torch.Generator:
-    # A function of (seed, step, micro-batch) only: resumed and multi-process runs pick the same frames (and
-    # noisy codes: stream 1).
+def _step_generator(seed: int, step: int, micro: int, stream: int = 0) -> torch.Generator:
+    # A function of (seed, step, micro-batch) only: resumed and multi-process runs pick the same decoder frames
+    # (stream 0) and noisy codes (stream 1).
     return torch.Generator().manual_seed((seed * 1_000_000_007 + step * 1_009 + micro + stream * 7_919) % 2**63)
 
 
@@ -288,7 +287,7 @@ def evaluate(module: nn.Module, corpus: Corpus, batches: list[list[list[int]]], 
     for i in range(d.rank, math.ceil(len(batches) / d.world) * d.world, d.world):
         batch = collate(corpus, batches[i if i < len(batches) else 0])
         n = int(audio_targets(batch.mask, k).sum())
-        idx = decoder_frames(n, cfg.amortization, _decoder_generator(cfg.seed, -1, i))
+        idx = decoder_frames(n, cfg.amortization, _step_generator(cfg.seed, -1, i))
         with _autocast(device):
             loss, c0, dec = module(*_inputs(batch.to(device)), idx.to(device))
         n = n if i < len(batches) else 0
@@ -311,7 +310,9 @@ def _autocast(device: torch.device):
 # --- data, model setup -------------------------------------------------------------------------------------------
 
 
-def load_data(cfg: TrainConfig, model_cfg: CSMConfig, seq_len: int) -> tuple[Corpus, list[int], Corpus, list]:
+def load_data(
+    cfg: TrainConfig, model_cfg: CSMConfig, seq_len: int, verbose: bool = True
+) -> tuple[Corpus, list[int], Corpus, list]:
     """(train corpus, its training example ids, eval corpus, eval batches) checked against the model."""
     dirs = data_dirs(cfg.data)
     corpus = load_corpus(dirs, seq_len, model_cfg.audio_num_codebooks)
@@ -326,7 +327,7 @@ def load_data(cfg: TrainConfig, model_cfg: CSMConfig, seq_len: int) -> tuple[Cor
         eval_corpus = corpus
         train_ids, eval_ids = split_examples(corpus, cfg.eval_fraction, cfg.seed)
     shared = shared_text_fraction(corpus, train_ids, eval_corpus, eval_ids) if eval_ids else 0.0
-    if shared > 0.1 and int(os.environ.get("RANK", "0")) == 0:
+    if shared > 0.1 and verbose:
         print(f"warning: {100 * shared:.0f}% of the held-out utterances have a text (and speaker) that also occurs "
               "in the training data, so the eval loss partly measures memorised lines; for a templated corpus give "
               "--eval-data with unseen sentences", flush=True)
@@ -380,7 +381,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     if seq_len > model_cfg.backbone.max_seq_len:
         raise ValueError(f"--seq-len {seq_len} exceeds the backbone's max_seq_len {model_cfg.backbone.max_seq_len}")
 
-    corpus, train_ids, eval_corpus, eval_batches = load_data(cfg, model_cfg, seq_len)
+    corpus, train_ids, eval_corpus, eval_batches = load_data(cfg, model_cfg, seq_len, d.main)
     per_step = d.world * cfg.grad_accum
     n_batches = len(epoch_batches(train_ids, corpus.lengths, seq_len, cfg.batch_size, cfg.seed, 0, cfg.pack))
     if n_batches < per_step:
@@ -456,9 +457,9 @@ def train(cfg: TrainConfig) -> list[dict]:
             global_micro = micro * d.world + d.rank
             batch = collate(corpus, batches[pos + global_micro])
             n_audio = int(audio_targets(batch.mask, k).sum())
-            idx = decoder_frames(n_audio, cfg.amortization, _decoder_generator(cfg.seed, step, global_micro))
+            idx = decoder_frames(n_audio, cfg.amortization, _step_generator(cfg.seed, step, global_micro))
             noisy = noisy_codes(batch.tokens, batch.mask, k, cfg.code_noise,
-                                _decoder_generator(cfg.seed, step, global_micro, stream=1)) if cfg.code_noise else None
+                                _step_generator(cfg.seed, step, global_micro, stream=1)) if cfg.code_noise else None
             last = micro == cfg.grad_accum - 1
             # Reduce gradients across processes only after the last micro-batch.
             sync = module.no_sync() if isinstance(module, nn.parallel.DistributedDataParallel) and not last \
