@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from csm.checkpoints import load_checkpoint, save_checkpoint
+from csm.generate import generation_defaults
 from csm.mimi import load_mimi
 from csm.mimi.weights import save_mimi
 
@@ -91,6 +92,8 @@ def card(args, model, codec, out: Path) -> str:
     if codec_last:
         lines.append(f"  Trained {codec_last['step']} steps ({codec_last.get('train_minutes', 0):.1f} min); held-out "
                      f"log-mel L1 {codec_last['val_mel_l1']:.3f}.")
+    if args.generation:
+        lines.append(f"- Sampling defaults (`generation.json`, used by `csm say` unless overridden): {args.generation}.")
     if args.notes:
         lines += ["", args.notes]
     lines += ["", "## Scores (`csm eval`)", ""]
@@ -117,6 +120,8 @@ def main() -> None:
                    help="a make_corpus.py folder the voice was trained on (corpus.json, manifest.jsonl); repeatable")
     p.add_argument("--eval", default=None, help="`csm eval --json` output for this model")
     p.add_argument("--notes", default="", help="a paragraph for the card (e.g. where the training ran)")
+    p.add_argument("--generation", default=None, metavar="JSON",
+                   help='sampling defaults written to generation.json, e.g. \'{"speaker": 1, "topk": 5}\'')
     args = p.parse_args()
 
     out = Path(args.out)
@@ -128,6 +133,9 @@ def main() -> None:
     save_checkpoint(model, out, dtype=STORE)
     shutil.copy(Path(args.model) / "tokenizer.json", out / "tokenizer.json")
     save_mimi(codec, out / "codec", dtype=STORE)
+    if args.generation:
+        (out / "generation.json").write_text(json.dumps(json.loads(args.generation)) + "\n")
+        generation_defaults(out)  # checks the keys
     (out / "MODEL_CARD.md").write_text(card(args, model, codec, out))
     print(f"wrote {out} ({_mb(out):.1f} MB)")
 
