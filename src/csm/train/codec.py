@@ -83,7 +83,7 @@ class CodecTrainConfig:
     preset: str = "embedded"  # codec architecture: CODEC_PRESETS or csm.mimi presets
     model_config: str | None = None  # a transformers-style Mimi config.json instead of --preset
     resume: str | None = None  # a checkpoint directory, or "latest"
-    init: str | None = None  # start from this codec's weights (a step-NNNNNN/ dir): fresh optimizer, step 0
+    init: str | None = None  # start from this codec's weights (a step-NNNNNN/ dir or a packaged codec): fresh optimizer
     decoder_only: bool = False  # train only the decoder side on frozen codes (needs --init or --resume)
     # Data
     segment_frames: int = 12  # crop length in code frames (12 x 1920 samples = 0.96 s)
@@ -375,6 +375,22 @@ class CodecModel(nn.Module):
         self.mimi.load_state_dict(convert_state_dict(dict(sd), c), strict=True)
         self.sync_codebooks()
 
+    def load_codec(self, sd: dict[str, Tensor]) -> None:
+        """Start from a codec in any layout `load_mimi` reads, e.g. a packaged one (`save_mimi`, float16) that kept
+        the codebooks but not their EMA statistics: each code then starts with usage 1 (embed_sum = the code)."""
+        if any(k.endswith(".embed_sum") for k in sd):
+            return self.load_export(sd)
+        from ..mimi.weights import convert_state_dict
+
+        state = convert_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, self.cfg)
+        self.mimi.load_state_dict(state, strict=True)
+        with torch.no_grad():
+            for books, rvq in ((self.semantic_books, self.mimi.quantizer.semantic),
+                               (self.acoustic_books, self.mimi.quantizer.acoustic)):
+                books.embed_sum.copy_(rvq.codebooks)
+                books.cluster_usage.fill_(1.0)
+                books.initialized.fill_(True)
+
 
 # --- losses -------------------------------------------------------------------------------------------------------
 
@@ -651,7 +667,7 @@ def train_codec(cfg: CodecTrainConfig, *, clips: ClipSet | None = None, eval_cli
         raise ValueError("give --init (start a new run from a codec) or --resume (continue a run), not both")
     start_dir = resume_dir or (Path(cfg.init) if cfg.init else None)
     if start_dir and not (start_dir / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"{start_dir}: no {WEIGHTS_FILE} (expected a train-codec step-NNNNNN/ directory)")
+        raise FileNotFoundError(f"{start_dir}: no {WEIGHTS_FILE} (expected a train-codec step-NNNNNN/ or codec directory)")
     if cfg.decoder_only and start_dir is None:
         raise ValueError("--decoder-only fine-tunes a trained codec: give --init DIR (or --resume)")
     mimi_cfg = _model_config(cfg)
@@ -662,7 +678,8 @@ def train_codec(cfg: CodecTrainConfig, *, clips: ClipSet | None = None, eval_cli
     if start_dir:
         from safetensors.torch import load_file
 
-        model.load_export(load_file(str(start_dir / WEIGHTS_FILE)))
+        weights = load_file(str(start_dir / WEIGHTS_FILE))
+        model.load_export(weights) if resume_dir else model.load_codec(weights)
     if cfg.decoder_only:
         model.freeze_encoder_side()
     model.to(device).train()
