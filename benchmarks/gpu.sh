@@ -4,11 +4,12 @@
 # 1. `csm bench` at the full CSM-1B shapes (random weights, bf16): our CUDA-graph engine and transformers on the
 #    same weights in the same run, batch 1/8/32 (nothing else on the GPU while it runs);
 # 2. the CUDA tests (graph and compile engines == eager, streaming, parity with transformers on the GPU);
-# 3. `csm bench --engine compile` (Inductor-fused steps inside one CUDA graph; compiling takes a few minutes).
+# 3. `csm bench --engine compile` (Inductor-fused steps inside one CUDA graph; compiling takes a few minutes);
+# 4. benchmarks/profile_step.py: the compiled frame's kernels, in bf16 and with int8 weight-only linears.
 # Logs and JSON go to OUT_DIR; each stage has its own time cap, so one failure does not hide the others.
-# STAGES="bench tests compile" (the default) picks stages.
+# STAGES="bench tests compile profile" (the default) picks stages.
 set -u
-stages=" ${STAGES:-bench tests compile} "
+stages=" ${STAGES:-bench tests compile profile} "
 out=${1:-gpu-results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -21,4 +22,11 @@ $py -c "import torch, transformers; print('torch', torch.__version__, 'transform
 [[ $stages == *" tests "* ]] && timeout "${TEST_TIMEOUT:-240}" $py -m pytest -q -x -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/pytest_cuda.log"
 [[ $stages == *" compile "* ]] && timeout "${COMPILE_TIMEOUT:-400}" $py -m csm bench --engine compile --no-transformers \
     --json "$out/bench_1b_compile.json" 2>&1 | tee "$out/bench_1b_compile.log"
+if [[ $stages == *" profile "* ]]; then
+    for q in "" "--quantize int8"; do
+        name=profile_compile${q:+_int8}
+        timeout "${PROFILE_TIMEOUT:-150}" $py benchmarks/profile_step.py --engine compile $q --json "$out/$name.json" \
+            2>&1 | grep -v USDT | tee "$out/$name.log"
+    done
+fi
 echo "gpu.sh done"

@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--engine", choices=["eager", "graph", "compile"], default="compile")
     p.add_argument("--no-fuse", action="store_true", help="keep q/k/v and gate/up as separate projections")
+    p.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only transformer linears")
     p.add_argument("--frames", type=int, default=100, help="frames for the ms/frame measurement")
     p.add_argument("--profile-frames", type=int, default=5, help="frames per profile (0: no profile)")
     p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
@@ -113,15 +114,19 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     model, tokenizer = _build(argparse.Namespace(model=args.model, preset=args.preset, text=DEFAULT_TEXT), device, dtype)
+    if args.quantize:
+        from csm.quantize import quantize_int8
+
+        quantize_int8(model if args.no_fuse else model.fuse_projections())
     gen = Generator(model, tokenizer, None, engine=args.engine, fuse=not args.no_fuse)
     t = time.perf_counter()
     timing = bench_ours(gen, DEFAULT_TEXT, args.frames, [], 1)
     timing.pop("codes")
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "engine": gen.engine,
-              "fused_projections": not args.no_fuse, "inductor": args.inductor, "timing": timing,
+              "fused_projections": not args.no_fuse, "quantize": args.quantize, "inductor": args.inductor, "timing": timing,
               "setup_and_timing_s": time.perf_counter() - t}
-    print(f"{result['device']} {args.engine} fused={not args.no_fuse} {args.inductor}: "
+    print(f"{result['device']} {args.engine} fused={not args.no_fuse} quantize={args.quantize} {args.inductor}: "
           f"{timing['ms_per_frame']:.2f} ms/frame (RTF {timing['rtf']:.3f}), first frame {timing['first_frame_ms']:.1f} ms",
           flush=True)
     if args.json:  # written now too, so a failing profile keeps the timing

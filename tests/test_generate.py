@@ -54,6 +54,10 @@ def test_sample_topk_greedy_and_support():
     # per-row tensors give the same draw as scalars for the same noise
     n = noise()
     assert sample_topk(logits, torch.tensor([[2]]), torch.tensor([[1.0]]), n).item() == sample_topk(logits, 2, 1.0, n).item()
+    # per-row top-k with every row greedy (max_topk 1) takes the argmax whatever the noise; ties go to the first id
+    rows = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, 1.0, 5.0, 0.0]])
+    big = torch.tensor([[1e-9, 1.0, 1.0, 1.0], [1.0, 1.0, 1e-9, 1.0]])  # would pick ids 0 and 2 if it were used
+    assert sample_topk(rows, torch.ones(2, 1, dtype=torch.long), torch.ones(2, 1), big, 1).tolist() == [[1], [0]]
     # temperature sharpens: at T=0.05 the best id wins (almost) always
     assert all(sample_topk(logits, 4, 0.05, noise()).item() == 1 for _ in range(50))
 

@@ -201,6 +201,8 @@ def run(args: argparse.Namespace) -> int:
 
         if not args.no_transformers:  # transformers runs the unquantized weights, built before we quantize
             reference = bench_transformers(model, tokenizer, args.text, frames, ref_batches)
+        if not args.no_fuse:  # fuse first, so the fused q/k/v and gate/up matrices are what gets quantized
+            model.fuse_projections()
         quantize_int8(model)
     gen = Generator(model, tokenizer, _codec(args, device), engine=engine, fuse=not args.no_fuse)
     print(f"benchmarking {args.model or args.preset} ({n_params / 1e6:.0f} M params, {dtype}) on "

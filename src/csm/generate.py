@@ -59,8 +59,8 @@ def sample_topk(
     E ~ Exp(1) picks id i with probability p_i, and because the noise E [B, V] is an input, a seeded run is
     reproducible and nothing synchronises with the host. topk == 1 is greedy.
     """
-    if isinstance(topk, int) and (topk == 1 or (isinstance(temperature, float) and temperature <= 0)):
-        return logits.argmax(dim=-1, keepdim=True)
+    if (topk == 1 if isinstance(topk, int) else max_topk == 1) or (isinstance(temperature, float) and temperature <= 0):
+        return logits.argmax(dim=-1, keepdim=True)  # all rows greedy: no top-k select, softmax or noise needed
     logits = logits.float() / (temperature if isinstance(temperature, float) else temperature.float())
     if isinstance(topk, int):
         kth = torch.topk(logits, min(topk, logits.shape[-1]), dim=-1).values[..., -1:]
