@@ -69,8 +69,9 @@ def _greedy(gen: Generator, tokens: torch.Tensor, mask: torch.Tensor, n_audio: i
     """Greedy codebook 0 of the generation that follows these prompt frames (the corpus' own text frames)."""
     from csm.generate import Request
 
-    gen.prompt_frames = lambda *a: (tokens, mask)  # the corpus stores token ids, not text: feed its frames as is
-    speech = gen.generate_batch([Request("-", max_audio_length_ms=80 * (n_audio + 10), temperature=0)])[0]
+    # the corpus stores token ids, not text: its frames are the prompt as they are
+    request = Request("", max_audio_length_ms=80 * (n_audio + 10), temperature=0, frames=(tokens, mask))
+    speech = gen.generate_batch([request])[0]
     return speech.codes[0]
 
 

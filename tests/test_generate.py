@@ -126,6 +126,19 @@ def test_huge_text_is_rejected(gen):
         gen.generate("hello there " * 400)
 
 
+def test_request_with_prompt_frames_equals_text(gen):
+    """Request(frames=...) reads given frames instead of text + context: the same frames give the same codes."""
+    from csm.generate import Request
+
+    ctx = [Segment(1, "fine thanks", torch.randint(0, 2048, (32, 6), generator=torch.Generator().manual_seed(1)))]
+    by_text = Request("hello", 0, ctx, max_audio_length_ms=400, temperature=0)
+    by_frames = Request("", max_audio_length_ms=400, temperature=0, frames=gen.prompt_frames("hello", 0, ctx))
+    a, b = gen.generate_batch([by_text, by_frames])
+    assert torch.equal(a.codes, b.codes)
+    with pytest.raises(ValueError, match=r"prompt frames .* \[S >= 1, 33\]"):
+        gen.generate_batch([Request("", frames=(torch.zeros(3, 32, dtype=torch.long), torch.ones(3, 32)))])
+
+
 def test_context_changes_the_output(gen):
     ctx = [Segment(1, "fine thanks", torch.randint(0, 2048, (32, 6), generator=torch.Generator().manual_seed(1)))]
     a = gen.generate("hello", 0, max_audio_length_ms=400, topk=1).codes

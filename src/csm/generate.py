@@ -86,6 +86,9 @@ class Request:
     temperature: float = 0.9
     topk: int = 50
     seed: int | None = None
+    # Prompt frames (tokens [S, K + 1] long, mask [S, K + 1] bool) read instead of text + context: for callers that
+    # hold token ids rather than text, such as a prepared training corpus.
+    frames: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -251,6 +254,14 @@ class Generator:
         tokens, mask = text_frames(self.tokenizer, text, speaker, self.num_codebooks)
         return torch.cat([ctx_tokens, tokens]), torch.cat([ctx_mask, mask])
 
+    def _check_frames(self, frames: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, mask = frames
+        width = self.num_codebooks + 1
+        if tokens.ndim != 2 or tokens.shape[1] != width or tokens.shape != mask.shape or len(tokens) == 0:
+            raise ValueError(f"prompt frames must be tokens and mask of the same shape [S >= 1, {width}], "
+                             f"got {tuple(tokens.shape)} and {tuple(mask.shape)}")
+        return tokens.long().cpu(), mask.bool().cpu()
+
     def _check_budget(self, prompt_len: int, req: Request) -> int:
         max_frames = int(req.max_audio_length_ms // FRAME_MS)
         if max_frames < 1:
@@ -288,7 +299,8 @@ class Generator:
         """
         if not requests:
             raise ValueError("no requests")
-        prompts = [self.prompt_frames(r.text, r.speaker, r.context) for r in requests]
+        prompts = [self.prompt_frames(r.text, r.speaker, r.context) if r.frames is None else self._check_frames(r.frames)
+                   for r in requests]
         budgets = [self._check_budget(len(p[0]), r) for p, r in zip(prompts, requests)]
         b, dev, k = len(requests), self.device, self.num_codebooks
         vocab = self.model.cfg.audio_vocab_size
