@@ -115,6 +115,9 @@ class _FrameStep(nn.Module):
         self.static = static  # attention over the full cache length (graphs, compile) instead of the filled prefix
         k, dev = model.cfg.audio_num_codebooks, model.audio_head.device
         self.codebooks: list = [torch.tensor(i, device=dev) for i in range(k)] if compile else list(range(k))
+        # Codebook i's head matrix as a view (no copy): an input of the same shape for every codebook, so one compiled
+        # decoder step serves all of them without gathering the matrix (a 4 MB copy per step at CSM-1B's size).
+        self.heads = [None] + [model.audio_head[i - 1] for i in range(1, k)]
         self.backbone_step, self.decoder_step = self._backbone_step, self._decoder_step
         if compile:
             self.backbone_step = torch.compile(self._backbone_step, fullgraph=True, dynamic=False)
@@ -129,12 +132,12 @@ class _FrameStep(nn.Module):
         return m.backbone(m.embed_frames(tokens, mask), input_pos, causal_mask(input_pos, kv_len),
                           self.backbone_cache)[:, -1]
 
-    def _decoder_step(self, x, pos, codebook, noise, temperature, topk, max_topk: int, kv_len: int):
+    def _decoder_step(self, x, pos, codebook, head, noise, temperature, topk, max_topk: int, kv_len: int):
         """Decoder inputs x [B, S, backbone dim] at positions pos [B, S] -> (code of `codebook` [B, 1], its
-        embedding [B, 1, backbone dim]: the next step's input)."""
+        embedding [B, 1, backbone dim]: the next step's input). `head` is that codebook's audio_head matrix."""
         m = self.model
         out = m.decoder(m.projection(x), pos, causal_mask(pos, kv_len), self.decoder_cache)
-        code = sample_topk(m.decoder_head(codebook, out[:, -1]), topk, temperature, noise, max_topk)
+        code = sample_topk(out[:, -1] @ head, topk, temperature, noise, max_topk)
         return code, m.embed_audio(codebook, code)
 
     def frame_from_hidden(self, h, noise, temperature, topk, max_topk: int):
@@ -147,7 +150,8 @@ class _FrameStep(nn.Module):
         pos = torch.arange(2, device=h.device).expand(h.shape[0], 2)
         for i in range(1, m.cfg.audio_num_codebooks):
             kv_len = m.cfg.decoder.max_seq_len if self.static else i + 1
-            code, x = self.decoder_step(x, pos, self.codebooks[i], noise[:, i], temperature, topk, max_topk, kv_len)
+            code, x = self.decoder_step(x, pos, self.codebooks[i], self.heads[i], noise[:, i], temperature, topk,
+                                        max_topk, kv_len)
             codes.append(code)
             pos = pos[:, -1:] + 1
         return torch.cat(codes, dim=1)

@@ -300,13 +300,6 @@ class CSM(nn.Module):
         """[..., n] ids of codebooks 0..n-1 -> [..., n, dim]."""
         return self.audio_embeddings(codes + self.audio_offsets[: codes.shape[-1]])
 
-    def decoder_head(self, codebook: int | torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits of codebook `codebook` (1..K-1; an int, or a 0-dim tensor so that one compiled step serves every
-        codebook) from decoder hidden states [B, ddim]."""
-        if isinstance(codebook, torch.Tensor):
-            return hidden @ self.audio_head.index_select(0, (codebook - 1).reshape(1))[0]
-        return hidden @ self.audio_head[codebook - 1]
-
     def reset_buffers(self, device=None) -> None:
         self.backbone.reset_buffers(device)
         self.decoder.reset_buffers(device)
