@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument("--seed", type=int, default=None)
     say.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     say.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
-    say.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only linears (faster on CPU)")
+    say.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only linears (for CPUs; slower on CUDA)")
     say.add_argument("--engine", choices=["eager", "graph", "compile"], default=None,
                      help="frame step: eager (CPU default), graph (CUDA graph, GPU default), compile (fused; "
                           "pays off on long outputs)")
