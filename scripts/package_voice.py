@@ -102,7 +102,7 @@ def card(args, model, codec, out: Path) -> str:
                      "target ≤ 15 %)" + (f"; with a context turn from the target speaker the output is closer "
                                          f"(resemblyzer) to that speaker than to the others in "
                                          f"{100 * scores['speaker_closer_fraction']:.0f} % of trials (target ≥ 90 %)"
-                                         if "speaker_closer_fraction" in scores else "")
+                                         if scores.get("speaker_closer_fraction") is not None else "")
                      + (f"; real-time factor {scores['rtf']:.2f} on this project's 2-core CPU" if "rtf" in scores
                         else "") + ".")
     else:

@@ -485,3 +485,29 @@ def test_split_prepared_script_holds_out_unseen_conversations(prepared, tmp_path
     subprocess.run([sys.executable, str(script), str(prepared), str(tmp_path / "b"), "--unseen-in", str(prepared)],
                    check=True, capture_output=True)
     assert (tmp_path / "b" / "eval" / "index.jsonl").read_text() == ""
+
+
+def test_package_voice_script(prepared, micro_config, tmp_path):
+    """scripts/package_voice.py: float16 model + codec + tokenizer + generation.json + a card from the logs and an
+    eval run without speaker similarity (`csm eval --no-speaker`)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from csm.mimi import Mimi, preset, save_mimi
+
+    train(_cfg(prepared, tmp_path / "run", model_config=micro_config, steps=2))
+    codec = save_mimi(Mimi(preset("tiny")), tmp_path / "codec")
+    scores = {"summary": {"n": 3, "wer": 0.5, "speaker_closer_fraction": None, "rtf": 0.3}}
+    (tmp_path / "eval.json").write_text(json.dumps(scores))
+    script = Path(__file__).parent.parent / "scripts" / "package_voice.py"
+    out = tmp_path / "voice"
+    subprocess.run([sys.executable, str(script), "--model", str(tmp_path / "run" / "step-000002"), "--codec",
+                    str(codec), "--out", str(out), "--eval", str(tmp_path / "eval.json"), "--generation",
+                    '{"topk": 5}'], check=True, capture_output=True)
+    assert {p.name for p in out.iterdir()} >= {"model.safetensors", "config.json", "tokenizer.json", "codec",
+                                               "generation.json", "MODEL_CARD.md"}
+    model, _ = load_checkpoint(out)
+    assert next(model.parameters()).dtype == torch.float32  # stored in float16, loaded as float32
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "WER 50.0 %" in card and "closer" not in card
