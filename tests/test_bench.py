@@ -18,6 +18,6 @@ def test_bench_tiny_matches_transformers(tmp_path, fuse):
     r = json.loads(out.read_text())
     assert r["fused_projections"] is fuse
     ours = r["ours"]
-    assert ours["frames"] == 4 and ours["ms_per_frame"] > 0 and ours["prefill_ms"] > 0
+    assert ours["frames"] == 4 and ours["ms_per_frame"] > 0 and ours["prefill_ms"] > 0 and ours["sampled_ms_per_frame"] > 0
     assert set(ours["batches"]) == {"1", "2"} and all(v["frames_per_s"] > 0 for v in ours["batches"].values())
     assert r["transformers"]["same_codes"] is True and r["speedup_vs_transformers"] > 0
