@@ -98,7 +98,13 @@ def card(args, model, codec, out: Path) -> str:
         lines += ["", args.notes]
     lines += ["", "## Scores (`csm eval`)", ""]
     if scores:
-        lines.append(f"On {scores.get('n')} held-out sentences: WER {100 * scores['wer']:.1f} % (Whisper tiny.en; "
+        rounds = scores.get("rounds") or []
+        where = f"On {scores.get('n')} held-out sentences"
+        if rounds:  # csm eval --repeats: the same sentences once per seed, pooled
+            where = (f"On {scores['n'] // len(rounds)} held-out sentences, each generated with {len(rounds)} seeds ("
+                     + ", ".join(str(r["seed"]) for r in rounds) + "; WER per seed "
+                     + " / ".join(f"{100 * r['wer']:.1f}" for r in rounds) + " %), pooled")
+        lines.append(f"{where}: WER {100 * scores['wer']:.1f} % (Whisper tiny.en; "
                      "target ≤ 15 %)" + (f"; with a context turn from the target speaker the output is closer "
                                          f"(resemblyzer) to that speaker than to the others in "
                                          f"{100 * scores['speaker_closer_fraction']:.0f} % of trials (target ≥ 90 %)"

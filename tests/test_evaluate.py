@@ -159,8 +159,15 @@ def test_report_summary_and_table():
     assert s["wer_ok"] is False and s["speaker_ok"] is False
     assert s["per_speaker"]["1"]["wer"] == pytest.approx(0.5)
     table = Report(items).table()
-    assert "WER (all words)      30.0 %" in table and "MISSED" in table
+    assert "WER (all words)      30.0 %" in table and "MISSED" in table and "per round" not in table
     json.dumps(Report(items).to_json())
+    # Two rounds of the same sentence: pooled WER and one WER per round, labelled with the round's seed.
+    rounds = [ItemResult(0, "a b c d", 0, ref_words=4, word_errors=1, wer=0.25),
+              ItemResult(1, "a b c d", 0, ref_words=4, word_errors=3, wer=0.75, round=1)]
+    report = Report(rounds, config={"round_seeds": [7, 107]})
+    assert report.summary()["wer"] == pytest.approx(0.5)
+    assert report.summary()["rounds"] == [{"seed": 7, "wer": 0.25}, {"seed": 107, "wer": 0.75}]
+    assert "WER per round        25.0 % / 75.0 %   (seeds 7, 107)" in report.table()
 
 
 # --- inputs ---------------------------------------------------------------------------------------------------------
@@ -307,6 +314,20 @@ def test_generation_mode_end_to_end(tmp_path, monkeypatch):
     # The generated folder can be scored again in --wavs mode, matched by number.
     texts = [w.text for w in pair_wavs(out, out / "texts.txt")]
     assert texts == ["Hello there.", "How are you today?", "Fine, thanks."]
+
+    # --repeats 2: every sentence twice, the second round with seed + 100 (other samples); pooled and per round.
+    args = p.parse_args(["eval", "--model", "unused", "--corpus", str(corpus / "manifest.jsonl"), "--no-wer",
+                         "--no-speaker", "--max-ms", "400", "--refs-per-speaker", "1", "--repeats", "2",
+                         "--out-dir", str(tmp_path / "rep"), "--json", str(tmp_path / "rep.json"), "--warmup", "0"])
+    assert args.func(args) == 0
+    rep = json.loads((tmp_path / "rep.json").read_text())
+    assert [i["round"] for i in rep["items"]] == [0, 0, 0, 1, 1, 1]
+    assert [i["text"] for i in rep["items"][3:]] == [i["text"] for i in items]
+    assert [i["duration_s"] for i in rep["items"][:3]] == [i["duration_s"] for i in items]  # round 0 = seed 0 run
+    assert rep["config"]["round_seeds"] == [0, 100] and rep["summary"]["n"] == 6
+    assert len(list((tmp_path / "rep").glob("r1_*.wav"))) == 3
+    with pytest.raises(ValueError, match="--repeats"):
+        ev.run_eval(p.parse_args(["eval", "--wavs", str(out), "--repeats", "2", "--no-wer", "--no-speaker"]))
 
 
 def test_missing_evaluators_name_the_pip_command(monkeypatch):

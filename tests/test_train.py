@@ -510,4 +510,13 @@ def test_package_voice_script(prepared, micro_config, tmp_path):
     model, _ = load_checkpoint(out)
     assert next(model.parameters()).dtype == torch.float32  # stored in float16, loaded as float32
     card = (out / "MODEL_CARD.md").read_text()
-    assert "WER 50.0 %" in card and "closer" not in card
+    assert "On 3 held-out sentences: WER 50.0 %" in card and "closer" not in card
+    # csm eval --repeats: sentences x seeds, with the WER of each seed
+    scores["summary"].update(n=6, rounds=[{"seed": 0, "wer": 0.4}, {"seed": 100, "wer": 0.6}])
+    (tmp_path / "eval.json").write_text(json.dumps(scores))
+    subprocess.run([sys.executable, str(script), "--model", str(tmp_path / "run" / "step-000002"), "--codec",
+                    str(codec), "--out", str(out), "--eval", str(tmp_path / "eval.json")], check=True,
+                   capture_output=True)
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "On 3 held-out sentences, each generated with 2 seeds (0, 100; WER per seed 40.0 / 60.0 %), pooled: " \
+           "WER 50.0 %" in card

@@ -313,8 +313,11 @@ class Transcriber:
         audio = _to_16k(wav, sample_rate)
         if len(audio) < 1600:
             return ""
+        # temperature 0 only: faster-whisper's default falls back to unseeded sampling when a beam looks like a loop,
+        # which made the same audio score differently from run to run.
         segments, _ = self.model.transcribe(audio, language="en", beam_size=self.beam_size, vad_filter=False,
-                                            condition_on_previous_text=False, without_timestamps=True)
+                                            condition_on_previous_text=False, without_timestamps=True,
+                                            temperature=0.0)
         return " ".join(s.text.strip() for s in segments).strip()
 
 
@@ -472,6 +475,7 @@ class ItemResult:
     closer: bool | None = None
     context: str | None = None
     error: str | None = None
+    round: int = 0  # --repeats: which round (seed) generated this item
 
 
 @dataclass
@@ -520,6 +524,14 @@ class Report:
                 "closer_fraction": (sum(i.closer for i in own_trials) / len(own_trials)) if own_trials else None,
                 "cos_target_mean": mean([i.cos_target for i in own_trials]),
             }
+        rounds = sorted({i.round for i in items})
+        if len(rounds) > 1:  # the same sentences in every round, so the pooled WER is the rounds' mean
+            out["rounds"] = []
+            for r in rounds:
+                own = [i for i in scored if i.round == r]
+                w = sum(i.ref_words for i in own)
+                out["rounds"].append({"seed": self.config.get("round_seeds", rounds)[r],
+                                      "wer": (sum(i.word_errors for i in own) / w) if w else None})
         out["targets"] = {"wer_max": WER_TARGET, "speaker_closer_min": SPEAKER_TARGET}
         out["wer_ok"] = None if out["wer"] is None else out["wer"] <= WER_TARGET
         out["speaker_ok"] = (None if out["speaker_closer_fraction"] is None
@@ -550,6 +562,9 @@ class Report:
         lines.append("")
         lines.append(f"WER (all words)      {pct(s['wer'])}   (mean per sentence {pct(s['wer_mean'])}; "
                      f"target <= {100 * WER_TARGET:.0f} %{verdict})")
+        if "rounds" in s:
+            lines.append(f"WER per round        " + " / ".join(pct(r["wer"]) for r in s["rounds"]) + "   (seeds "
+                         + ", ".join(str(r["seed"]) for r in s["rounds"]) + ")")
         if s["speaker_trials"]:
             lines.append(f"speaker closer-to-A  {pct(s['speaker_closer_fraction'])} of {s['speaker_trials']} trials "
                          f"(target >= {100 * SPEAKER_TARGET:.0f} %{', met' if s['speaker_ok'] else ', MISSED'}); "
@@ -637,6 +652,10 @@ def run_eval(args: argparse.Namespace) -> Report:
     timings: dict = {}
     t_start = time.perf_counter()
     corpus = read_corpus(args.corpus) if args.corpus else None
+    if args.repeats < 1 or (args.repeats > 1 and args.wavs):
+        raise ValueError("--repeats N (N >= 1) generates every sentence N times, so it cannot go with --wavs")
+    # Round r samples line i with seed + 100 r + i and picks its context clips with seed + 100 r.
+    args.round_seeds = [args.seed + 100 * r for r in range(args.repeats)]
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
 
     if args.wavs:
@@ -714,12 +733,10 @@ def _generate(args, corpus: list[CorpusClip] | None, timings: dict):
             setattr(args, key, gen.defaults[key])
     timings["model_load_s"] = round(time.perf_counter() - t0, 2)
 
+    speakers = [args.speaker]
     if corpus is not None:
         speakers = sorted({int(s) for s in args.speakers.split(",")}) if args.speakers else \
             sorted({c.speaker for c in corpus})
-        _, contexts = choose_clips(corpus, speakers, args.refs_per_speaker, len(texts), args.seed)
-    else:
-        speakers, contexts = [args.speaker], {}
     out_dir = Path(args.out_dir) if args.out_dir else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -738,9 +755,13 @@ def _generate(args, corpus: list[CorpusClip] | None, timings: dict):
 
     items, wavs = [], {}
     t_gen = time.perf_counter()
-    for i, text in enumerate(texts):
+    rounds = [(r, seed, i, text) for r, seed in enumerate(args.round_seeds) for i, text in enumerate(texts)]
+    contexts: dict = {}
+    for r, round_seed, i, text in rounds:
+        if i == 0 and corpus is not None:
+            _, contexts = choose_clips(corpus, speakers, args.refs_per_speaker, len(texts), round_seed)
         spk = speakers[i % len(speakers)]
-        it = ItemResult(i, text, spk)
+        it = ItemResult(len(items), text, spk, round=r)
         items.append(it)
         try:
             context = []
@@ -756,7 +777,7 @@ def _generate(args, corpus: list[CorpusClip] | None, timings: dict):
                 context = [Segment(spk, clip.text, codes.cpu())]
             t0 = time.perf_counter()
             speech = gen.generate(text, speaker=spk, context=context, max_audio_length_ms=budget(text),
-                                  temperature=args.temperature, topk=args.topk, seed=args.seed + i)
+                                  temperature=args.temperature, topk=args.topk, seed=round_seed + i)
             it.gen_s = round(time.perf_counter() - t0, 3)
             it.duration_s = round(speech.duration_s, 3)
             it.rtf = round(it.gen_s / speech.duration_s, 3) if speech.duration_s > 0 else None
@@ -764,17 +785,17 @@ def _generate(args, corpus: list[CorpusClip] | None, timings: dict):
                 it.error = "no audio generated (immediate end of utterance)"
                 continue
             audio = speech.audio.float().numpy()
-            wavs[i] = (audio, speech.sample_rate)
+            wavs[it.index] = (audio, speech.sample_rate)
             if out_dir:
                 import soundfile as sf
 
-                path = out_dir / f"{i:03d}_spk{spk}.wav"
+                path = out_dir / (f"{i:03d}_spk{spk}.wav" if len(args.round_seeds) == 1 else f"r{r}_{i:03d}_spk{spk}.wav")
                 sf.write(path, np.clip(audio, -1, 1), speech.sample_rate, subtype="PCM_16")
                 it.audio = str(path)
         except Exception as e:  # one bad item (e.g. context too long) is a miss, not the end of the run
             it.error = f"{type(e).__name__}: {e}"
         if args.verbose:
-            print(f"[{i + 1}/{len(texts)}] spk {spk} {it.duration_s:.2f} s RTF {it.rtf} {it.error or ''}",
+            print(f"[{it.index + 1}/{len(rounds)}] spk {spk} {it.duration_s:.2f} s RTF {it.rtf} {it.error or ''}",
                   file=sys.stderr)
     timings["generation_s"] = round(time.perf_counter() - t_gen, 2)
     return items, wavs, speakers
@@ -820,6 +841,9 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--temperature", type=float, default=None, help="default: the model's (generation.json), else 0.9")
     g.add_argument("--topk", type=int, default=None, help="default: the model's (generation.json), else 50")
     g.add_argument("--seed", type=int, default=0, help="sampling seed of line i is seed + i; also picks clips")
+    g.add_argument("--repeats", type=int, default=1,
+                   help="generate every sentence N times, round r with seed + 100 r (its own samples and context "
+                        "clips), and pool the scores: on 20 sentences one seed's WER varies by +-10 points")
     g.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads for torch and Whisper (default: auto)")
     g.add_argument("--warmup", type=int, default=1, help="one untimed warm-up generation first (0: off)")
