@@ -62,20 +62,27 @@ def _codec(args, device):
     return Mimi(preset("kyutai/mimi")).to(device).eval()
 
 
+def _timed_frames(gen, text: str, frames: int, **sampling) -> tuple[list[float], list[torch.Tensor]]:
+    """Warm up (captures / compiles the step for these sampling settings, fills allocator caches), then generate
+    up to `frames` frames: (seconds since the start at each frame, the frames)."""
+    from .generate import Request
+
+    list(gen.iter_frames([Request(text, 0, max_audio_length_ms=3 * 80, **sampling)]))
+    _sync(gen.device)
+    t0 = time.perf_counter()
+    stamps, codes = [], []
+    for frame, _ in gen.iter_frames([Request(text, 0, max_audio_length_ms=frames * 80, **sampling)]):
+        codes.append(frame[0].cpu())
+        stamps.append(time.perf_counter() - t0)
+    return stamps, codes
+
+
 def bench_ours(gen, text: str, frames: int, batch_sizes: list[int], chunk_frames: int) -> dict:
     from .generate import Request
 
     dev = gen.device
     req = Request(text, 0, max_audio_length_ms=frames * 80, topk=1)
-    # warm-up: captures / compiles the step (engine graph / compile) and fills allocator caches
-    list(gen.iter_frames([Request(text, 0, max_audio_length_ms=3 * 80, topk=1)]))
-    _sync(dev)
-
-    t0 = time.perf_counter()
-    stamps, codes = [], []
-    for frame, _ in gen.iter_frames([req]):
-        codes.append(frame[0].cpu())
-        stamps.append(time.perf_counter() - t0)
+    stamps, codes = _timed_frames(gen, text, frames, topk=1)
     n = len(stamps)
     per_frame = (stamps[-1] - stamps[0]) / max(n - 1, 1)
     out = {
@@ -87,13 +94,7 @@ def bench_ours(gen, text: str, frames: int, batch_sizes: list[int], chunk_frames
     }
     # The same, sampled with the default top-k 50 / temperature 0.9: greedy batches skip the top-k select and
     # softmax, so the greedy figure flatters what `csm say` pays per frame.
-    sampled = Request(text, 0, max_audio_length_ms=frames * 80, seed=0)
-    list(gen.iter_frames([Request(text, 0, max_audio_length_ms=3 * 80, seed=0)]))  # warm-up: top-k 50 is a new step
-    _sync(dev)
-    t0, stamps = time.perf_counter(), []
-    for frame, _ in gen.iter_frames([sampled]):
-        frame.cpu()
-        stamps.append(time.perf_counter() - t0)
+    stamps, _ = _timed_frames(gen, text, frames, seed=0)
     out["sampled_ms_per_frame"] = (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1) * 1e3
     # prefill alone: the backbone over the prompt
     tokens, mask = gen.prompt_frames(text, 0, ())
