@@ -679,7 +679,10 @@ def train_codec(cfg: CodecTrainConfig, *, clips: ClipSet | None = None, eval_cli
         from safetensors.torch import load_file
 
         weights = load_file(str(start_dir / WEIGHTS_FILE))
-        model.load_export(weights) if resume_dir else model.load_codec(weights)
+        if resume_dir:  # our own checkpoint: the EMA state must be there and is restored exactly
+            model.load_export(weights)
+        else:
+            model.load_codec(weights)
     if cfg.decoder_only:
         model.freeze_encoder_side()
     model.to(device).train()
