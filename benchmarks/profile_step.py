@@ -103,13 +103,13 @@ def main(argv: list[str] | None = None) -> int:
                     break
                 except ValueError:
                     pass
-        obj, *path = key.split(".")[::-1]  # nested keys such as triton.cudagraphs
+        *path, name = key.split(".")  # nested keys such as triton.cudagraphs
         target = inductor_config
-        for part in reversed(path):
-            target = getattr(target, part)
-        if not hasattr(target, obj):
+        for part in path:
+            target = getattr(target, part, None)
+        if target is None or not hasattr(target, name):
             p.error(f"torch._inductor.config has no option {key!r}")
-        setattr(target, obj, parsed)
+        setattr(target, name, parsed)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
