@@ -1,0 +1,59 @@
+"""scripts/make_corpus.py's text plan (no synthesis: that needs espeak-ng and piper)."""
+
+import importlib.util
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+_SCRIPT = Path(__file__).parent.parent / "scripts" / "make_corpus.py"
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    spec = importlib.util.spec_from_file_location("make_corpus", _SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plan_without_splicing_is_the_published_one(corpus):
+    # the first lines of the embedded voice's first corpus (seed 1): the new options must not move the random stream
+    _, utts, _ = corpus.plan(1, [0, 1, 2, 3, 4], 3, None, 20)
+    assert [(u.text, u.speaker) for u in utts] == [
+        ("The school closes at three fifty this evening.", 4),
+        ("Good morning, Maya, how are you?", 2),
+        ("Tell Olivia that dinner is at one forty five.", 4)]
+
+
+def test_splicing_makes_distinct_sentences_and_keeps_exclusions_out(corpus):
+    speakers = [0, 1, 2, 3, 4]
+    held, plain, _ = corpus.plan(5, speakers, 2000, None, 20)
+    common = Counter(u.text for u in plain).most_common(1)[0][0]  # a fixed line, certain to recur
+    held2, spliced, _ = corpus.plan(5, speakers, 2000, None, 20, splice=1.0, exclude={common})
+    assert held2 == held  # held-out sentences never spliced
+    distinct = lambda us: len({corpus._key(u.text) for u in us})  # noqa: E731
+    assert distinct(spliced) > 1.5 * distinct(plain)
+    keys = {corpus._key(u.text) for u in spliced}
+    assert not keys & {corpus._key(t) for t in [*held, common]}
+    assert all(3 <= corpus.n_words(u.text) <= 12 for u in spliced)
+    assert all(u.text[0].isupper() for u in spliced)
+    # every spliced line is a start of one grammar line + an end of another: its words come from the grammar
+    vocab = {w for u in plain for w in u.text.split()}
+    words = [w for u in spliced for w in u.text.split()]
+    assert sum(w in vocab for w in words) / len(words) > 0.95
+
+
+def test_cli_checks_splice_and_exclude_file(corpus, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        corpus.main([str(tmp_path / "c"), "--splice", "1.5", "--dry-run"])
+    assert "--splice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        corpus.main([str(tmp_path / "c"), "--exclude-sentences", str(tmp_path / "nope.txt"), "--dry-run"])
+    assert "nope.txt" in capsys.readouterr().err
+    (tmp_path / "ex.txt").write_text("Good morning, Maya, how are you?\n")
+    assert corpus.main([str(tmp_path / "c"), "--seed", "1", "--splice", "0.5", "--num-utterances", "50",
+                        "--exclude-sentences", str(tmp_path / "ex.txt"), "--dry-run"]) == 0
+    assert "Good morning, Maya, how are you?" not in capsys.readouterr().out
