@@ -66,7 +66,9 @@ def card(args, model, codec, out: Path) -> str:
         manifest = path / "manifest.jsonl"
         n_utt = sum(1 for _ in manifest.open()) if manifest.is_file() else None
         lines.append(f"- Synthetic conversations made offline by `scripts/make_corpus.py` (seed {corpus.get('seed')})"
-                     + (f", {n_utt} utterances" if n_utt else "") + ".")
+                     + (f", {n_utt} utterances" if n_utt else "")
+                     + (f", {corpus['splice']:.0%} of its lines spliced from two grammar lines" if corpus.get("splice") else "")
+                     + ".")
     if corpora:
         lines += ["", "Speakers:"]
         lines += [f"- {i}: {v.get('description', v.get('name'))}" for i, v in enumerate(corpora[0][1].get("voices", []))]
