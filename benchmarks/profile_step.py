@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine", choices=["eager", "graph", "compile"], default="compile")
     p.add_argument("--no-fuse", action="store_true", help="keep q/k/v and gate/up as separate projections")
     p.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only transformer linears")
+    p.add_argument("--gemv", choices=["matmul", "inductor"], default="matmul",
+                   help="inductor: single-token linears as multiply + sum, so Inductor writes (and fuses) the GEMVs")
     p.add_argument("--frames", type=int, default=100, help="frames for the ms/frame measurement")
     p.add_argument("--profile-frames", type=int, default=5, help="frames per profile (0: no profile)")
     p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
@@ -118,15 +120,16 @@ def main(argv: list[str] | None = None) -> int:
         from csm.quantize import quantize_int8
 
         quantize_int8(model if args.no_fuse else model.fuse_projections())
-    gen = Generator(model, tokenizer, None, engine=args.engine, fuse=not args.no_fuse)
+    gen = Generator(model, tokenizer, None, engine=args.engine, fuse=not args.no_fuse, gemv=args.gemv)
     t = time.perf_counter()
     timing = bench_ours(gen, DEFAULT_TEXT, args.frames, [], 1)
     timing.pop("codes")
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "engine": gen.engine,
-              "fused_projections": not args.no_fuse, "quantize": args.quantize, "inductor": args.inductor, "timing": timing,
+              "fused_projections": not args.no_fuse, "quantize": args.quantize, "gemv": args.gemv,
+              "inductor": args.inductor, "timing": timing,
               "setup_and_timing_s": time.perf_counter() - t}
-    print(f"{result['device']} {args.engine} fused={not args.no_fuse} quantize={args.quantize} {args.inductor}: "
+    print(f"{result['device']} {args.engine} fused={not args.no_fuse} quantize={args.quantize} gemv={args.gemv} {args.inductor}: "
           f"{timing['ms_per_frame']:.2f} ms/frame (RTF {timing['rtf']:.3f}), first frame {timing['first_frame_ms']:.1f} ms",
           flush=True)
     if args.json:  # written now too, so a failing profile keeps the timing

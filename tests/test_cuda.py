@@ -3,6 +3,7 @@ works on the device, and the GPU engine still matches transformers on the same w
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -46,15 +47,20 @@ def test_graph_engine_equals_eager(tokenizer, dtype):
     assert len(set(graph.generate("hello there", 0, max_audio_length_ms=800, topk=1).codes[0].tolist())) > 2
 
 
-def test_compile_engine_equals_eager(tokenizer):
+@pytest.mark.parametrize("gemv", ["matmul", "inductor"])
+def test_compile_engine_equals_eager(tokenizer, gemv):
+    """matmul: bit for bit. inductor (fp32, batch 1, where its multiply + sum form runs): the same codes."""
     tiny = TransformerConfig(n_layers=1, dim=32, n_heads=2, n_kv_heads=1, intermediate_size=64, max_seq_len=64)
     cfg = CSMConfig(backbone=tiny, decoder=replace(tiny, max_seq_len=4),
                     text_vocab_size=300, audio_vocab_size=67, audio_num_codebooks=4)
     torch.manual_seed(0)
     model = CSM(cfg).cuda()
-    eager, compiled = Generator(model, tokenizer, engine="eager"), Generator(model, tokenizer, engine="compile")
-    for a, b in zip(eager.generate_batch(requests()), compiled.generate_batch(requests())):
-        assert torch.equal(a.codes, b.codes)
+    eager = Generator(model, tokenizer, engine="eager")
+    compiled = Generator(copy.deepcopy(model), tokenizer, engine="compile", gemv=gemv)
+    batches = [[r] for r in requests()] if gemv == "inductor" else [requests()]
+    for batch in batches:
+        for a, b in zip(eager.generate_batch(batch), compiled.generate_batch(batch)):
+            assert torch.equal(a.codes, b.codes)
 
 
 def test_stream_on_gpu_concatenates_to_one_shot(tokenizer):

@@ -44,3 +44,17 @@ def test_quantized_model_stays_close_and_generates():
     tok = train_tokenizer(["hello there"] * 5, vocab_size=280)
     codes = Generator(qmodel, tok).generate("hello", max_audio_length_ms=240, seed=0).codes
     assert codes.shape == (32, 3)
+
+
+def test_int8_gpu_form_matches_dequantized_matmul():
+    """The CUDA path (multiply + sum for one token, dequantized matmul for more) computes the same product; run on
+    the CPU here, since only the arithmetic is under test."""
+    from csm.quantize import int8_matmul_gpu
+
+    torch.manual_seed(0)
+    q = Int8Linear(torch.nn.Linear(64, 96, bias=False))
+    w = q.dequantized()
+    for x in (torch.randn(1, 1, 64), torch.randn(2, 5, 64)):
+        got = int8_matmul_gpu(x, q.weight, q.scale)
+        assert got.shape == (*x.shape[:-1], 96)
+        torch.testing.assert_close(got, x @ w.T, rtol=1e-2, atol=1e-2)

@@ -219,7 +219,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.no_fuse:  # fuse first, so the fused q/k/v and gate/up matrices are what gets quantized
             model.fuse_projections()
         quantize_int8(model)
-    gen = Generator(model, tokenizer, _codec(args, device), engine=engine, fuse=not args.no_fuse)
+    gen = Generator(model, tokenizer, _codec(args, device), engine=engine, fuse=not args.no_fuse,
+                    gemv=args.gemv)
     print(f"benchmarking {args.model or args.preset} ({n_params / 1e6:.0f} M params, {dtype}) on "
           f"{_device_name(device)}; engine={gen.engine}; {frames} frames", file=sys.stderr)
     ours = bench_ours(gen, args.text, frames, batch_sizes, args.chunk_frames)
@@ -229,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
         "model": args.model or args.preset,
         "engine": gen.engine,
         "quantize": args.quantize,
+        "gemv": args.gemv,
         "fused_projections": not args.no_fuse,
         "text": args.text,
         "ours": {k: v for k, v in ours.items() if k != "codes"},
@@ -298,6 +300,8 @@ def add_subcommand(sub) -> None:
                    help="also time transformers at --batch-sizes (slow on a CPU)")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 weight-only linears for our engine (transformers keeps full precision)")
+    p.add_argument("--gemv", choices=["matmul", "inductor"], default="matmul",
+                   help="with --engine compile: matrix-vector products written by Inductor, fused (quantize.py)")
     p.add_argument("--no-fuse", action="store_true",
                    help="keep q/k/v and gate/up as separate projections (to measure what fusing them buys)")
     p.add_argument("--text", default=DEFAULT_TEXT)

@@ -1,18 +1,26 @@
-"""Int8 weight-only quantization of the transformer linears, for memory-bound decoding.
+"""Other forms of the transformer linears, for memory-bound decoding: int8 weights, and GEMVs written by Inductor.
 
 Each frame reads every decoder weight 31 times and every backbone weight once, one token at a time: on a CPU (and
-at batch 1 on a GPU) that is bound by memory traffic, not arithmetic. Storing the linear weights as int8 with one
-scale per output row quarters that traffic; activations run in bf16 through PyTorch's int8 weight-pack matmul.
-Embeddings, the codebook heads and norms stay in the model's dtype. Outputs are close to, not identical with, the full-precision
-model, so parity tests run unquantized.
+at batch 1 on a GPU) that is bound by memory traffic, not arithmetic.
+
+- `quantize_int8`: the linear weights stored as int8 with one scale per output row, a quarter of fp32's traffic (half
+  of bf16's). On a CPU activations run in bf16 through PyTorch's int8 weight-pack matmul; on CUDA that kernel is slow
+  (72.8 ms/frame on an H100), so the CUDA form is the multiply-and-sum below, reading the int8 weight directly
+  (7.45 ms/frame compiled, against 8.13 for bf16 through cuBLAS). Outputs are close to, not identical with, the
+  full-precision model, so parity tests run unquantized.
+- `inductor_gemv`: bf16/fp32 weights kept, but a one- or two-token product written as multiply + sum over the input
+  dimension. Under the `compile` engine Inductor then writes the matrix-vector kernel itself and fuses the RMSNorm and
+  residual add before it, or the SiLU gate, into it: 1,775 kernels per frame instead of 2,047, 7.33 ms/frame instead
+  of 8.13 on an H100 (benchmarks/results/h100-2026-11-27b). Same maths, different summation order.
+
+Embeddings, the codebook heads and norms are left alone. Longer inputs (prefill) use an ordinary matmul.
 """
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .model import CSM
 
@@ -33,6 +41,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        if x.is_cuda:
+            return int8_matmul_gpu(x, self.weight, self.scale)
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight, self.scale)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
@@ -40,18 +50,50 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.scale.float()[:, None]
 
 
-def quantize_int8(model: CSM) -> CSM:
-    """Replace every linear of the backbone and decoder blocks, and the 2048->1024 projection that runs at every
-    decoder step, with an Int8Linear, in place."""
-    if model.audio_head.device.type == "cuda":
-        # PyTorch's CUDA kernel for this op is a plain one: ~110 us per matrix-vector product at CSM-1B's shapes.
-        warnings.warn("int8 weight-only quantization is for CPUs: on CUDA PyTorch's int8 kernel is ~9x slower than "
-                      "bf16 (H100, compiled CSM-1B: 72.8 vs 8.1 ms/frame)", stacklevel=2)
+def int8_matmul_gpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x @ (scale * weight).T for CUDA. Up to REDUCE_MAX_ROWS input rows (decoding) as multiply + sum, so that a
+    compiled step reads each int8 weight once, in one fused kernel; more rows (prefill) through a bf16 matmul."""
+    rows = x.shape[:-1].numel()
+    if rows <= REDUCE_MAX_ROWS:
+        y = (x.unsqueeze(-2) * weight.to(x.dtype)).sum(-1, dtype=torch.float32)
+        return (y * scale.float()).to(x.dtype)
+    return F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
+
+
+REDUCE_MAX_ROWS = 2  # the decoder's first step has 2 positions; each extra row re-reads the weight
+
+
+class SumLinear(nn.Linear):
+    """nn.Linear (same parameters and keys) whose product for up to REDUCE_MAX_ROWS rows is multiply + sum."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[:-1].numel() <= REDUCE_MAX_ROWS:
+            return (x.unsqueeze(-2) * self.weight).sum(-1, dtype=torch.float32).to(x.dtype)
+        return super().forward(x)
+
+
+def _decode_linears(model: CSM):
+    """(parent, name, linear) for every linear of the backbone and decoder blocks, and the 2048->1024 projection
+    that runs at every decoder step: the weights a frame reads."""
     for stack in (model.backbone, model.decoder):
         for block in stack.layers:
             for parent in (block.attn, block.mlp):
                 for name, child in list(parent.named_children()):
-                    if isinstance(child, nn.Linear):
-                        setattr(parent, name, Int8Linear(child))
-    model.projection = Int8Linear(model.projection)
+                    yield parent, name, child
+    yield model, "projection", model.projection
+
+
+def quantize_int8(model: CSM) -> CSM:
+    """Replace the decode linears (see _decode_linears) with Int8Linear, in place."""
+    for parent, name, child in _decode_linears(model):
+        if isinstance(child, nn.Linear):
+            setattr(parent, name, Int8Linear(child))
+    return model
+
+
+def inductor_gemv(model: CSM) -> CSM:
+    """Turn the decode linears into SumLinear, in place (the weights stay the same tensors); for the compile engine."""
+    for _, _, child in _decode_linears(model):
+        if type(child) is nn.Linear:
+            child.__class__ = SumLinear
     return model
