@@ -50,6 +50,9 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.scale.float()[:, None]
 
 
+REDUCE_MAX_ROWS = 2  # the decoder's first step has 2 positions; each extra row re-reads the weight
+
+
 def int8_matmul_gpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x @ (scale * weight).T for CUDA. Up to REDUCE_MAX_ROWS input rows (decoding) as multiply + sum, so that a
     compiled step reads each int8 weight once, in one fused kernel; more rows (prefill) through a bf16 matmul."""
@@ -58,9 +61,6 @@ def int8_matmul_gpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) 
         y = (x.unsqueeze(-2) * weight.to(x.dtype)).sum(-1, dtype=torch.float32)
         return (y * scale.float()).to(x.dtype)
     return F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
-
-
-REDUCE_MAX_ROWS = 2  # the decoder's first step has 2 positions; each extra row re-reads the weight
 
 
 class SumLinear(nn.Linear):
