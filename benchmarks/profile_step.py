@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
               "fused_projections": not args.no_fuse, "quantize": args.quantize, "gemv": args.gemv,
               "inductor": args.inductor, "timing": timing,
               "setup_and_timing_s": time.perf_counter() - t}
-    print(f"{result['device']} {args.engine} fused={not args.no_fuse} quantize={args.quantize} gemv={args.gemv} {args.inductor}: "
+    print(f"{result['device']} {args.engine} fused={not args.no_fuse} quantize={args.quantize} gemv={args.gemv} "
+          f"{args.inductor}: "
           f"{timing['ms_per_frame']:.2f} ms/frame (RTF {timing['rtf']:.3f}), first frame {timing['first_frame_ms']:.1f} ms",
           flush=True)
     if args.json:  # written now too, so a failing profile keeps the timing

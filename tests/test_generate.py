@@ -177,17 +177,17 @@ def test_compiled_step_equals_eager(tokenizer):
     torch.manual_seed(0)
     model = CSM(cfg)
     eager, compiled = Generator(model, tokenizer), Generator(model, tokenizer, engine="compile")
-    for kw in (dict(topk=1), dict(seed=3)):
-        a = eager.generate("hello there", 0, max_audio_length_ms=640, **kw).codes
+    codes = {}
+    for name, kw in (("greedy", dict(topk=1)), ("sampled", dict(seed=3))):
+        codes[name] = eager.generate("hello there", 0, max_audio_length_ms=640, **kw).codes
         b = compiled.generate("hello there", 0, max_audio_length_ms=640, **kw).codes
-        assert a.shape == (4, 8) and torch.equal(a, b)
+        assert codes[name].shape == (4, 8) and torch.equal(codes[name], b)
     # Inductor's own matrix-vector products: the same maths summed in another order, so the same greedy codes here
     with pytest.raises(ValueError, match="needs engine='compile'"):
         Generator(copy.deepcopy(model), tokenizer, gemv="inductor")
     sums = Generator(copy.deepcopy(model), tokenizer, engine="compile", gemv="inductor")
     assert sum(type(m).__name__ == "SumLinear" for m in sums.model.modules()) == 2 * 4 + 1
-    a = eager.generate("hello there", 0, max_audio_length_ms=640, topk=1).codes
-    assert torch.equal(a, sums.generate("hello there", 0, max_audio_length_ms=640, topk=1).codes)
+    assert torch.equal(codes["greedy"], sums.generate("hello there", 0, max_audio_length_ms=640, topk=1).codes)
 
 
 def test_stream_chunks_concatenate_to_the_one_shot_audio(tokenizer):

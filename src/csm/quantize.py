@@ -53,13 +53,21 @@ class Int8Linear(nn.Module):
 REDUCE_MAX_ROWS = 2  # the decoder's first step has 2 positions; each extra row re-reads the weight
 
 
+def _few_rows(x: torch.Tensor) -> bool:
+    return x.shape[:-1].numel() <= REDUCE_MAX_ROWS
+
+
+def _multiply_sum(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T as one multiply and a float32 sum over the input dimension: the form Inductor turns into a
+    single matrix-vector kernel that reads `weight` once and takes the ops before it as its prologue."""
+    return (x.unsqueeze(-2) * weight).sum(-1, dtype=torch.float32)
+
+
 def int8_matmul_gpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x @ (scale * weight).T for CUDA. Up to REDUCE_MAX_ROWS input rows (decoding) as multiply + sum, so that a
     compiled step reads each int8 weight once, in one fused kernel; more rows (prefill) through a bf16 matmul."""
-    rows = x.shape[:-1].numel()
-    if rows <= REDUCE_MAX_ROWS:
-        y = (x.unsqueeze(-2) * weight.to(x.dtype)).sum(-1, dtype=torch.float32)
-        return (y * scale.float()).to(x.dtype)
+    if _few_rows(x):
+        return (_multiply_sum(x, weight.to(x.dtype)) * scale.float()).to(x.dtype)
     return F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
 
 
@@ -67,8 +75,8 @@ class SumLinear(nn.Linear):
     """nn.Linear (same parameters and keys) whose product for up to REDUCE_MAX_ROWS rows is multiply + sum."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[:-1].numel() <= REDUCE_MAX_ROWS:
-            return (x.unsqueeze(-2) * self.weight).sum(-1, dtype=torch.float32).to(x.dtype)
+        if _few_rows(x):
+            return _multiply_sum(x, self.weight).to(x.dtype)
         return super().forward(x)
 
 
