@@ -17,6 +17,14 @@ from csm.tokenizer import train_tokenizer
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Every compiled Generator re-traces the same step functions: start each test from an empty Dynamo cache, so
+    the tests before it do not use up its recompile limit."""
+    torch._dynamo.reset()
+    yield
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return train_tokenizer(["hello there, how are you?", "fine thanks, and you?"] * 5, vocab_size=300)
@@ -77,15 +85,15 @@ def test_stream_on_gpu_concatenates_to_one_shot(tokenizer):
 
 @torch.no_grad()
 def test_graph_engine_matches_transformers_on_gpu(tmp_path, tokenizer):
-    """Same weights on the GPU (fp32): backbone logits close, then the same greedy codes. (Seen failing once, on
-    an H100 with transformers 5.17, before the logit check existed; CPU parity with the pinned 5.24 passes.)"""
+    """Same weights on the GPU (fp32): backbone logits close, then the same greedy codes. (Our loader defaults to
+    bf16 on CUDA, so the weights are loaded as fp32 explicitly; before that this compared bf16 with fp32 and failed.)"""
     from csm.checkpoints import load_checkpoint
     from oracles import hf_embed_frames, transformers_csm
 
     hf = transformers_csm(seed=0)
     hf.save_pretrained(tmp_path)
     hf = hf.cuda()
-    ours, _ = load_checkpoint(tmp_path, device="cuda")
+    ours, _ = load_checkpoint(tmp_path, device="cuda", dtype=torch.float32)
     gen = Generator(ours, tokenizer)
     tokens, mask = gen.prompt_frames("the quick brown fox", 1, ())
     tokens, mask = tokens[None].cuda(), mask[None].cuda()
