@@ -60,25 +60,33 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Preallocated keys/values [B, n_kv_heads, max_seq_len, head_dim], written at explicit positions.
+    """Preallocated keys and values, kv[0] and kv[1] of [B, n_kv_heads, max_seq_len, head_dim], written at explicit
+    positions.
 
     Static shapes keep the step graph-capturable; stale entries never need clearing because attention masks
-    every position after the one being written. Caches belong to the caller (a generation session), not to the
+    every position after the one being written. Keys and values share one buffer so that a step writes both in one
+    indexing op (one kernel when compiled, not two). Caches belong to the caller (a generation session), not to the
     model, so one set of weights can serve several sessions at once.
     """
 
     def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device) -> None:
         super().__init__()
-        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (2, batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("kv", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self.kv[0]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.kv[1]
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch = torch.arange(k.shape[0], device=k.device)[:, None]
-        # Indexing [b, :, pos] puts the (batch, seq) dims first, hence the transposes.
-        self.k[batch, :, input_pos] = k.transpose(1, 2)
-        self.v[batch, :, input_pos] = v.transpose(1, 2)
-        return self.k, self.v
+        # Indexing [:, b, :, pos] puts the (batch, seq) dims first, then (k/v, head, dim): [2, B, H, S, D] -> that.
+        self.kv[:, batch, :, input_pos] = torch.stack([k, v]).permute(1, 3, 0, 2, 4)
+        return self.kv[0], self.kv[1]
 
 
 class Attention(nn.Module):
@@ -104,9 +112,11 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         input_pos: torch.Tensor,
-        mask: torch.Tensor | None,
+        bias: torch.Tensor | None,
         cache: KVCache | None,
     ) -> torch.Tensor:
+        """bias: additive attention mask [B, 1, S, L] over the first L cache positions (0 or -inf), or None for
+        causal attention over x alone."""
         b, s, _ = x.shape
         if self.fused:
             kv = self.n_kv_heads * self.head_dim
@@ -120,14 +130,14 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(input_pos, k, v)
-            if mask is not None:  # attend only to the cache prefix the mask covers
-                k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
+            if bias is not None:  # attend only to the cache prefix the mask covers
+                k, v = k[:, :, : bias.shape[-1]], v[:, :, : bias.shape[-1]]
         y = F.scaled_dot_product_attention(
             q,
             k,
             v,
-            attn_mask=None if mask is None else mask[:, None],
-            is_causal=mask is None,
+            attn_mask=bias,
+            is_causal=bias is None,
             enable_gqa=self.n_heads != self.n_kv_heads,
         )
         return self.wo(y.transpose(1, 2).reshape(b, s, -1))
@@ -171,8 +181,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, input_pos, mask, cache):
-        x = x + self.attn(self.attn_norm(x), cos, sin, input_pos, mask, cache)
+    def forward(self, x, cos, sin, input_pos, bias, cache):
+        x = x + self.attn(self.attn_norm(x), cos, sin, input_pos, bias, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -221,12 +231,14 @@ class Transformer(nn.Module):
         freqs = input_pos[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None]
+        # The boolean mask as the additive bias SDPA would make of it, made once here instead of once per layer.
+        bias = None if mask is None else torch.zeros_like(mask, dtype=x.dtype).masked_fill(~mask, float("-inf"))[:, None]
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i]
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, input_pos, mask, layer_cache, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, input_pos, bias, layer_cache, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, input_pos, mask, layer_cache)
+                x = layer(x, cos, sin, input_pos, bias, layer_cache)
         return self.norm(x)
 
 
