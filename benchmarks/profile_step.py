@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only transformer linears")
     p.add_argument("--gemv", choices=["matmul", "inductor"], default="matmul",
                    help="inductor: single-token linears as multiply + sum, so Inductor writes (and fuses) the GEMVs")
+    p.add_argument("--gemv-chunk", type=int, default=None, metavar="N",
+                   help="with --gemv inductor: products over more than N inputs summed in chunks of N (SumLinear.chunk)")
     p.add_argument("--frames", type=int, default=100, help="frames for the ms/frame measurement")
     p.add_argument("--profile-frames", type=int, default=5, help="frames per profile (0: no profile)")
     p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
@@ -121,15 +123,24 @@ def main(argv: list[str] | None = None) -> int:
 
         quantize_int8(model if args.no_fuse else model.fuse_projections())
     gen = Generator(model, tokenizer, None, engine=args.engine, fuse=not args.no_fuse, gemv=args.gemv)
+    if args.gemv_chunk:
+        from csm.quantize import SumLinear
+
+        if args.gemv != "inductor":
+            p.error("--gemv-chunk needs --gemv inductor")
+        for m in gen.model.modules():
+            if isinstance(m, SumLinear):
+                m.chunk = args.gemv_chunk
     t = time.perf_counter()
     timing = bench_ours(gen, DEFAULT_TEXT, args.frames, [], 1)
     timing.pop("codes")
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "engine": gen.engine,
               "fused_projections": not args.no_fuse, "quantize": args.quantize, "gemv": args.gemv,
+              "gemv_chunk": args.gemv_chunk,
               "inductor": args.inductor, "timing": timing,
               "setup_and_timing_s": time.perf_counter() - t}
-    print(f"{result['device']} {args.engine} fused={not args.no_fuse} quantize={args.quantize} gemv={args.gemv} "
+    print(f"{result['device']} {args.engine} fused={not args.no_fuse} quantize={args.quantize} gemv={args.gemv} chunk={args.gemv_chunk} "
           f"{args.inductor}: "
           f"{timing['ms_per_frame']:.2f} ms/frame (RTF {timing['rtf']:.3f}), first frame {timing['first_frame_ms']:.1f} ms",
           flush=True)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn as nn
 
 from csm.config import get_config
 from csm.generate import Generator
 from csm.model import CSM
-from csm.quantize import Int8Linear, quantize_int8
+from csm.quantize import Int8Linear, SumLinear, quantize_int8
 from csm.tokenizer import train_tokenizer
 
 
@@ -58,3 +59,24 @@ def test_int8_gpu_form_matches_dequantized_matmul():
         got = int8_matmul_gpu(x, q.weight, q.scale)
         assert got.shape == (*x.shape[:-1], 96)
         torch.testing.assert_close(got, x @ w.T, rtol=1e-2, atol=1e-2)
+
+
+def test_sum_linear_chunks_give_the_same_product():
+    """SumLinear's split-K form (chunk) sums the same products in another order, eagerly and compiled; a chunk that
+    does not divide the input falls back to the plain multiply + sum, and prefill-sized inputs to the matmul."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 24, bias=False)
+    x = torch.randn(1, 2, 64)
+    expected = lin(x)
+    lin.__class__ = SumLinear
+    plain = lin(x)
+    torch.testing.assert_close(plain, expected)
+    lin.chunk = 16
+    chunked = lin(x)
+    torch.testing.assert_close(chunked, expected)
+    assert not torch.equal(chunked, plain)  # really another summation order, so the chunked path ran
+    torch.testing.assert_close(torch.compile(lin, fullgraph=True)(x), expected)
+    lin.chunk = 48
+    assert torch.equal(lin(x), plain)
+    many = torch.randn(3, 64)
+    assert torch.equal(lin(many), nn.functional.linear(many, lin.weight))
