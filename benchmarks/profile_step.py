@@ -140,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
               "gemv_chunk": args.gemv_chunk,
               "inductor": args.inductor, "timing": timing,
               "setup_and_timing_s": time.perf_counter() - t}
-    print(f"{result['device']} {args.engine} fused={not args.no_fuse} quantize={args.quantize} gemv={args.gemv} chunk={args.gemv_chunk} "
-          f"{args.inductor}: "
+    print(f"{result['device']} {args.engine} fused={not args.no_fuse} quantize={args.quantize} gemv={args.gemv} "
+          f"chunk={args.gemv_chunk} {args.inductor}: "
           f"{timing['ms_per_frame']:.2f} ms/frame (RTF {timing['rtf']:.3f}), first frame {timing['first_frame_ms']:.1f} ms",
           flush=True)
     if args.json:  # written now too, so a failing profile keeps the timing

@@ -232,7 +232,9 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None]
         # The boolean mask as the additive bias SDPA would make of it, made once here instead of once per layer.
-        bias = None if mask is None else torch.zeros_like(mask, dtype=x.dtype).masked_fill(~mask, float("-inf"))[:, None]
+        bias = None
+        if mask is not None:
+            bias = torch.zeros_like(mask, dtype=x.dtype).masked_fill(~mask, float("-inf"))[:, None]
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i]
             if self.gradient_checkpointing and self.training:
