@@ -42,6 +42,21 @@ def test_profile_step_script(tmp_path):
     assert bad.returncode != 0 and "no option 'no_such_option'" in bad.stderr
 
 
+def test_gemv_forms_script(tmp_path):
+    """benchmarks/gemv_forms.py runs its forms (compiled ones included) on CPU and they compute the same product."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "gemv_forms.py"
+    out = tmp_path / "g.json"
+    subprocess.run([sys.executable, str(script), "--shapes", "48x1024", "--forms", "matmul,sum/512,silu sum",
+                    "--calls", "2", "--json", str(out)], check=True, capture_output=True, timeout=300)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["form"] for r in rows] == ["matmul", "sum/512", "silu sum"]
+    assert all(r["us"] > 0 and r["max_abs_err"] < 1e-4 for r in rows)
+
+
 def test_kernel_kinds():
     import importlib.util
     from pathlib import Path
