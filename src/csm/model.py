@@ -21,9 +21,11 @@ from .config import CSMConfig, TransformerConfig
 
 
 def rope_inv_freq(cfg: TransformerConfig) -> torch.Tensor:
-    """Inverse RoPE frequencies in float32, with Llama 3's long-context scaling when configured."""
+    """Inverse RoPE frequencies in float32 on the CPU, with Llama 3's long-context scaling when configured."""
     dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    # On the CPU even inside a `torch.device("meta")` block: meta arange/div run as Python references whose first
+    # use imports torch._dynamo (~1.5 s of `csm say`'s start-up).
+    inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     if cfg.rope_scale_factor is None:
         return inv_freq
     factor, low, high, old_ctx = (
@@ -168,7 +170,7 @@ class MLP(nn.Module):
 def _concat_linears(*linears: nn.Linear) -> nn.Linear:
     """One bias-free linear whose output is the concatenation of `linears`' outputs."""
     w = torch.cat([m.weight.detach() for m in linears])
-    fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")  # no init: the weight is replaced next
     fused.weight = nn.Parameter(w, requires_grad=linears[0].weight.requires_grad)  # still trainable if they were
     return fused
 
@@ -194,7 +196,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg).to(torch.get_default_device()), persistent=False)
         self.gradient_checkpointing = False
 
     def reset_buffers(self, device=None) -> None:
@@ -255,18 +257,24 @@ class CSM(nn.Module):
         self.cfg = cfg
         k, va = cfg.audio_num_codebooks, cfg.audio_vocab_size
         bdim, ddim = cfg.backbone.dim, cfg.decoder.dim
-        self.text_embeddings = nn.Embedding(cfg.text_vocab_size, bdim)
+        # Tables passed in empty (init_weights fills them): nn.Embedding's own normal_ init is wasted work, and on the
+        # meta device (checkpoint loading) its first call imports ~1.5 s of torch internals.
+        self.text_embeddings = nn.Embedding(cfg.text_vocab_size, bdim, _weight=torch.empty(cfg.text_vocab_size, bdim))
         # One table for all codebooks; codebook i's ids are offset by i * audio_vocab_size.
-        self.audio_embeddings = nn.Embedding(k * va, bdim)
+        self.audio_embeddings = nn.Embedding(k * va, bdim, _weight=torch.empty(k * va, bdim))
         self.backbone = Transformer(cfg.backbone)
         self.codebook0_head = nn.Linear(bdim, va, bias=False)
         self.projection = nn.Linear(bdim, ddim, bias=False)
         self.decoder = Transformer(cfg.decoder)
         self.audio_head = nn.Parameter(torch.empty(k - 1, ddim, va))
-        self.register_buffer("audio_offsets", torch.arange(k) * va, persistent=False)
+        offsets = torch.arange(k, device="cpu") * va  # on the CPU first, as in rope_inv_freq
+        self.register_buffer("audio_offsets", offsets.to(torch.get_default_device()), persistent=False)
         self.init_weights()
 
     def init_weights(self, std: float = 0.02) -> None:
+        """Normal(0, std) weights, unit norms. Nothing to do on the meta device (weights are loaded after)."""
+        if self.audio_head.is_meta:
+            return
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
