@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gemv", choices=["matmul", "inductor"], default="matmul",
                    help="inductor: single-token linears as multiply + sum, so Inductor writes (and fuses) the GEMVs")
     p.add_argument("--gemv-chunk", type=int, default=None, metavar="N",
-                   help="with --gemv inductor: products over more than N inputs summed in chunks of N (SumLinear.chunk)")
+                   help="with --gemv inductor or --quantize int8 on CUDA: products over more than N inputs summed in "
+                        "chunks of N (quantize._multiply_sum)")
     p.add_argument("--frames", type=int, default=100, help="frames for the ms/frame measurement")
     p.add_argument("--profile-frames", type=int, default=5, help="frames per profile (0: no profile)")
     p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
@@ -124,12 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         quantize_int8(model if args.no_fuse else model.fuse_projections())
     gen = Generator(model, tokenizer, None, engine=args.engine, fuse=not args.no_fuse, gemv=args.gemv)
     if args.gemv_chunk:
-        from csm.quantize import SumLinear
+        from csm.quantize import Int8Linear, SumLinear
 
-        if args.gemv != "inductor":
-            p.error("--gemv-chunk needs --gemv inductor")
+        if args.gemv != "inductor" and not args.quantize:
+            p.error("--gemv-chunk needs --gemv inductor or --quantize int8")
         for m in gen.model.modules():
-            if isinstance(m, SumLinear):
+            if isinstance(m, (SumLinear, Int8Linear)):
                 m.chunk = args.gemv_chunk
     t = time.perf_counter()
     timing = bench_ours(gen, DEFAULT_TEXT, args.frames, [], 1)

@@ -56,9 +56,10 @@ def test_int8_gpu_form_matches_dequantized_matmul():
     q = Int8Linear(torch.nn.Linear(64, 96, bias=False))
     w = q.dequantized()
     for x in (torch.randn(1, 1, 64), torch.randn(2, 5, 64)):
-        got = int8_matmul_gpu(x, q.weight, q.scale)
-        assert got.shape == (*x.shape[:-1], 96)
-        torch.testing.assert_close(got, x @ w.T, rtol=1e-2, atol=1e-2)
+        for chunk in (None, 16):  # split-K (profile_step.py --gemv-chunk) sums the same products
+            got = int8_matmul_gpu(x, q.weight, q.scale, chunk)
+            assert got.shape == (*x.shape[:-1], 96)
+            torch.testing.assert_close(got, x @ w.T, rtol=1e-2, atol=1e-2)
 
 
 def test_sum_linear_chunks_give_the_same_product():

@@ -39,10 +39,12 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
+    chunk: int | None = None  # as SumLinear.chunk, for the CUDA form
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         if x.is_cuda:
-            return int8_matmul_gpu(x, self.weight, self.scale)
+            return int8_matmul_gpu(x, self.weight, self.scale, self.chunk)
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight, self.scale)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
@@ -57,38 +59,38 @@ def _few_rows(x: torch.Tensor) -> bool:
     return x.shape[:-1].numel() <= REDUCE_MAX_ROWS
 
 
-def _multiply_sum(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _multiply_sum(x: torch.Tensor, weight: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """x @ weight.T as one multiply and a float32 sum over the input dimension: the form Inductor turns into a
-    single matrix-vector kernel that reads `weight` once and takes the ops before it as its prologue."""
+    single matrix-vector kernel that reads `weight` once and takes the ops before it as its prologue.
+
+    chunk (None: off): sum the input dimension in chunks of this many, then the chunk sums (split-K). On an H100
+    Inductor's kernels for 1,024 inputs run near bandwidth (~2.8 TB/s) but the looped ones for 8,192 at ~1.4; with
+    chunks the long products become short ones plus a small sum. An experiment for profile_step.py --gemv-chunk."""
+    k = weight.shape[-1]
+    if chunk and k > chunk and k % chunk == 0:
+        parts = x.unsqueeze(-2).unflatten(-1, (-1, chunk)) * weight.unflatten(-1, (-1, chunk))
+        return parts.sum(-1, dtype=torch.float32).sum(-1)
     return (x.unsqueeze(-2) * weight).sum(-1, dtype=torch.float32)
 
 
-def int8_matmul_gpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def int8_matmul_gpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """x @ (scale * weight).T for CUDA. Up to REDUCE_MAX_ROWS input rows (decoding) as multiply + sum, so that a
     compiled step reads each int8 weight once, in one fused kernel; more rows (prefill) through a bf16 matmul."""
     if _few_rows(x):
-        return (_multiply_sum(x, weight.to(x.dtype)) * scale.float()).to(x.dtype)
+        return (_multiply_sum(x, weight.to(x.dtype), chunk) * scale.float()).to(x.dtype)
     return F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
 
 
 class SumLinear(nn.Linear):
-    """nn.Linear (same parameters and keys) whose product for up to REDUCE_MAX_ROWS rows is multiply + sum.
-
-    chunk (None: off): sum the input dimension in chunks of this many, then the chunk sums (split-K). On an H100
-    Inductor's kernels for 1,024 inputs run near bandwidth (~2.8 TB/s) but the looped ones for 8,192 at ~1.4; with
-    chunks the long products become short ones plus a small sum. An experiment for profile_step.py --gemv-chunk.
-    """
+    """nn.Linear (same parameters and keys) whose product for up to REDUCE_MAX_ROWS rows is multiply + sum
+    (chunk: see _multiply_sum)."""
 
     chunk: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _few_rows(x):
-            return super().forward(x)
-        c = self.chunk
-        if c and self.in_features > c and self.in_features % c == 0:
-            w = self.weight.unflatten(-1, (-1, c))  # [out, in / c, c]
-            return (x.unsqueeze(-2).unflatten(-1, (-1, c)) * w).sum(-1, dtype=torch.float32).sum(-1).to(x.dtype)
-        return _multiply_sum(x, self.weight).to(x.dtype)
+        if _few_rows(x):
+            return _multiply_sum(x, self.weight, self.chunk).to(x.dtype)
+        return super().forward(x)
 
 
 def _decode_linears(model: CSM):
