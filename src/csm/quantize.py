@@ -39,7 +39,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
-    chunk: int | None = None  # as SumLinear.chunk, for the CUDA form
+    chunk: int | None = None  # split-K for the CUDA form: see _multiply_sum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -73,7 +73,8 @@ def _multiply_sum(x: torch.Tensor, weight: torch.Tensor, chunk: int | None = Non
     return (x.unsqueeze(-2) * weight).sum(-1, dtype=torch.float32)
 
 
-def int8_matmul_gpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+def int8_matmul_gpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                    chunk: int | None = None) -> torch.Tensor:
     """x @ (scale * weight).T for CUDA. Up to REDUCE_MAX_ROWS input rows (decoding) as multiply + sum, so that a
     compiled step reads each int8 weight once, in one fused kernel; more rows (prefill) through a bf16 matmul."""
     if _few_rows(x):
