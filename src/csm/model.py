@@ -76,14 +76,6 @@ class KVCache(nn.Module):
         shape = (2, batch_size, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("kv", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    @property
-    def k(self) -> torch.Tensor:
-        return self.kv[0]
-
-    @property
-    def v(self) -> torch.Tensor:
-        return self.kv[1]
-
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch = torch.arange(k.shape[0], device=k.device)[:, None]
         # Indexing [:, b, :, pos] puts the (batch, seq) dims first, then (k/v, head, dim): [2, B, H, S, D] -> that.
