@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from csm.quantize import _multiply_sum  # noqa: E402
+
 # (name, N, K): CSM-1B's decoding products (the fused layouts: q/k/v and gate/up as one matrix each)
 SHAPES = [("decoder down", 1024, 8192), ("decoder gate/up", 16384, 1024), ("decoder qkv", 1536, 1024),
           ("backbone down", 2048, 8192), ("backbone gate/up", 16384, 2048), ("backbone qkv", 3072, 2048)]
@@ -45,10 +47,7 @@ def product(form: str):
             x = F.silu(gate) * up
         if form == "matmul":
             return F.linear(x, w)
-        if chunk and w.shape[1] % chunk == 0 and w.shape[1] > chunk:
-            parts = (x.unsqueeze(-2).unflatten(-1, (-1, chunk)) * w.unflatten(-1, (-1, chunk))).sum(-1, dtype=torch.float32)
-            return parts.sum(-1).to(x.dtype)
-        return (x.unsqueeze(-2) * w).sum(-1, dtype=torch.float32).to(x.dtype)
+        return _multiply_sum(x, w, chunk or None).to(x.dtype)  # the engine's own form (SumLinear)
 
     return fn if form == "matmul" else torch.compile(fn, fullgraph=True, dynamic=False)
 
