@@ -36,6 +36,17 @@ def _last(checkpoint: Path, key: str) -> dict:
     return next((r for r in reversed(rows) if key in r and r.get("step", 0) <= step), {})
 
 
+def corpus_speakers(corpora: list[str]) -> dict[str, str]:
+    """Speaker id -> voice description over the make_corpus.py folders the voice was trained on."""
+    speakers = {}
+    for c in corpora:
+        meta = json.loads((Path(c) / "corpus.json").read_text())
+        voices = meta.get("voices", [])
+        for i in meta.get("speakers", range(len(voices))):
+            speakers[str(i)] = voices[i].get("description", voices[i].get("name", "")) if i < len(voices) else ""
+    return dict(sorted(speakers.items(), key=lambda kv: int(kv[0])))
+
+
 def _fits_float16(model: torch.nn.Module, what: str) -> None:
     biggest = max(float(t.abs().max()) for t in model.state_dict().values() if t.is_floating_point())
     if biggest > 6e4:
@@ -70,8 +81,8 @@ def card(args, model, codec, out: Path) -> str:
                      + (f", {corpus['splice']:.0%} of its lines spliced from two grammar lines" if corpus.get("splice") else "")
                      + ".")
     if corpora:
-        lines += ["", "Speakers:"]
-        lines += [f"- {i}: {v.get('description', v.get('name'))}" for i, v in enumerate(corpora[0][1].get("voices", []))]
+        lines += ["", "Speakers (`csm say --speaker N`; other ids are refused):"]
+        lines += [f"- {i}: {d}" for i, d in corpus_speakers(args.corpus).items()]
     lines += ["", "## Models", ""]
     lines.append(f"- CSM: backbone {c.backbone.n_layers} layers × {c.backbone.dim}, decoder {c.decoder.n_layers} "
                  f"layers × {c.decoder.dim}, {c.audio_num_codebooks} codebooks, text vocabulary {c.text_vocab_size}; "
@@ -141,8 +152,12 @@ def main() -> None:
     save_checkpoint(model, out, dtype=STORE)
     shutil.copy(Path(args.model) / "tokenizer.json", out / "tokenizer.json")
     save_mimi(codec, out / "codec", dtype=STORE)
-    if args.generation:
-        (out / "generation.json").write_text(json.dumps(json.loads(args.generation)) + "\n")
+    generation = json.loads(args.generation) if args.generation else {}
+    speakers = corpus_speakers(args.corpus)
+    if speakers:  # so that `csm say --speaker 7` names the voices it has instead of inventing one
+        generation.setdefault("speakers", speakers)
+    if generation:
+        (out / "generation.json").write_text(json.dumps(generation) + "\n")
         generation_defaults(out)  # checks the keys
     (out / "MODEL_CARD.md").write_text(card(args, model, codec, out))
     print(f"wrote {out} ({_mb(out):.1f} MB)")

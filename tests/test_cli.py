@@ -92,6 +92,31 @@ def test_say_without_model_uses_the_embedded_voice(tmp_path):
     assert size <= 40e6  # the issue's budget for the embedded voice
 
 
+def test_say_names_the_embedded_voices_speakers_for_an_unknown_one(tmp_path):
+    from csm.assets import VOICE_DIR
+
+    if not (VOICE_DIR / "model.safetensors").is_file():
+        pytest.skip("no embedded voice in this checkout")
+    r = run(sys.executable, "-m", "csm", "say", "Hi.", "--speaker", "9", "-o", str(tmp_path / "x.wav"), check=False)
+    assert r.returncode == 2 and "speaker 9 is not one this model was trained on" in r.stderr
+    assert "1: espeak-ng" in r.stderr and "Traceback" not in r.stderr and not (tmp_path / "x.wav").exists()
+
+
+def test_say_reports_a_line_that_ends_at_once(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """An all-zero first frame (end of utterance) leaves nothing to write: an error, not an empty .npy."""
+    import torch
+
+    from csm.cli import main
+    from csm.generate import Generator, Speech
+
+    monkeypatch.setattr(Generator, "generate", lambda self, *a, **k: Speech(torch.zeros(32, 0, dtype=torch.long),
+                                                                           None, 24_000))
+    out = tmp_path / "x.wav"
+    assert main(["say", "Hi.", "--model", str(tiny_ckpt), "-o", str(out), "--codec", "none"]) == 1
+    assert "ended the line before speaking" in capsys.readouterr().err
+    assert not out.exists() and not out.with_suffix(".npy").exists()
+
+
 def test_say_does_not_load_the_compiler_stack(tmp_path):
     """Building models on the meta device must not run meta-tensor maths: its first use imports torch._dynamo and
     sympy, which was two thirds of `csm say`'s start-up (load 1.4 -> 0.2 s on this project's CPU)."""

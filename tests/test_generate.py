@@ -267,3 +267,30 @@ def test_model_directory_generation_defaults(tokenizer, tmp_path):
     (tmp_path / "generation.json").write_text(json.dumps({"top_k": 5}))
     with pytest.raises(ValueError, match="unknown keys"):
         load_generator(tmp_path, device="cpu")
+
+
+def test_model_directory_speaker_list(tokenizer, tmp_path):
+    """A generation.json that lists the model's speakers turns an unknown id into an error naming the known ones."""
+    import json
+
+    from csm.checkpoints import save_checkpoint
+    from csm.generate import load_generator
+
+    torch.manual_seed(0)
+    save_checkpoint(CSM(get_config("tiny")), tmp_path)
+    tokenizer.save(tmp_path / "tokenizer.json")
+    assert load_generator(tmp_path, device="cpu").speakers is None  # no list: any id goes (CSM-1B's case)
+    (tmp_path / "generation.json").write_text(json.dumps({"speaker": 1, "speakers": {"0": "low", "1": "high"}}))
+    gen = load_generator(tmp_path, device="cpu")
+    assert gen.speakers == {0: "low", 1: "high"} and gen.defaults["speaker"] == 1
+    assert gen.generate("hello", 0, max_audio_length_ms=160, seed=0).codes.shape[0] == 32
+    with pytest.raises(ValueError, match=r"speaker 2 is not one this model was trained on \(0: low; 1: high\)"):
+        gen.generate("hello", 2)
+    with pytest.raises(ValueError, match="context speaker 5 is not one"):
+        gen.generate("hello", 1, context=[Segment(5, "hi", torch.zeros(32, 2, dtype=torch.long))])
+    for bad, match in [({"speakers": ["low"]}, "must map non-negative ids"), ({"speakers": {}}, "must map"),
+                       ({"speakers": {"-1": "x"}}, "must map"), ({"speaker": 3, "speakers": {"0": "x"}},
+                                                                 "default speaker 3 is not among")]:
+        (tmp_path / "generation.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=match):
+            load_generator(tmp_path, device="cpu")

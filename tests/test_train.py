@@ -500,11 +500,18 @@ def test_package_voice_script(prepared, micro_config, tmp_path):
     codec = save_mimi(Mimi(preset("tiny")), tmp_path / "codec")
     scores = {"summary": {"n": 3, "wer": 0.5, "speaker_closer_fraction": None, "rtf": 0.3}}
     (tmp_path / "eval.json").write_text(json.dumps(scores))
+    corpus = tmp_path / "corpus"  # a make_corpus.py folder that used two of its three voices
+    corpus.mkdir()
+    voices = [{"name": n, "description": f"{n} voice"} for n in ("a", "b", "c")]
+    (corpus / "corpus.json").write_text(json.dumps({"seed": 1, "speakers": [0, 2], "voices": voices}))
     script = Path(__file__).parent.parent / "scripts" / "package_voice.py"
     out = tmp_path / "voice"
     subprocess.run([sys.executable, str(script), "--model", str(tmp_path / "run" / "step-000002"), "--codec",
                     str(codec), "--out", str(out), "--eval", str(tmp_path / "eval.json"), "--generation",
-                    '{"topk": 5}'], check=True, capture_output=True)
+                    '{"topk": 5}', "--corpus", str(corpus)], check=True, capture_output=True)
+    assert json.loads((out / "generation.json").read_text()) == {"topk": 5, "speakers": {"0": "a voice",
+                                                                                          "2": "c voice"}}
+    assert "- 2: c voice" in (out / "MODEL_CARD.md").read_text()
     assert {p.name for p in out.iterdir()} >= {"model.safetensors", "config.json", "tokenizer.json", "codec",
                                                "generation.json", "MODEL_CARD.md"}
     model, _ = load_checkpoint(out)

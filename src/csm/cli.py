@@ -36,6 +36,10 @@ def _say(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     t2 = time.perf_counter()
+    if speech.codes.shape[1] == 0:  # the first frame was end-of-utterance: nothing to write
+        print("csm say: error: the model ended the line before speaking (no audio, nothing written); "
+              "try another --seed", file=sys.stderr)
+        return 1
     out = Path(args.output)
     if speech.audio is not None and out.suffix.lower() != ".npy":
         from .audio import save_audio

@@ -27,6 +27,9 @@ from .tokenizer import TextTokenizer
 FRAME_MS = 80  # Mimi: 12.5 frames per second
 # Sampling defaults (Sesame's); a model directory may override them with a generation.json (see load_generator).
 DEFAULTS = {"speaker": 0, "temperature": 0.9, "topk": 50}
+# generation.json may also list the speaker ids the model was trained on ({"speakers": {"0": "description", ...}}):
+# with such a list an unknown id is an error, not an untrained voice.
+GENERATION_KEYS = (*DEFAULTS, "speakers")
 
 
 class Codec(Protocol):
@@ -224,6 +227,7 @@ class Generator:
         self.tokenizer = tokenizer
         self.codec = codec
         self.defaults = dict(DEFAULTS)  # speaker / temperature / topk used when generate() is not given them
+        self.speakers: dict[int, str] | None = None  # id -> description, when the model says which it knows
         self.num_codebooks = model.cfg.audio_num_codebooks
         self.sample_rate = codec.sample_rate if codec is not None else 24_000
         self.engine = engine or ("graph" if self.device.type == "cuda" else "eager")
@@ -261,10 +265,10 @@ class Generator:
         """The frames the backbone reads before speaking: every context segment, then the line's text."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError("text to speak is empty")
-        if not isinstance(speaker, int) or speaker < 0:
-            raise ValueError(f"speaker must be a non-negative integer, got {speaker!r}")
+        self._check_speaker(speaker, "speaker")
         segments = []
         for seg in context:
+            self._check_speaker(seg.speaker, "context speaker")
             audio = seg.audio
             if audio is not None and audio.is_floating_point():
                 audio = self.encode_audio(audio)
@@ -272,6 +276,13 @@ class Generator:
         ctx_tokens, ctx_mask = conversation_frames(self.tokenizer, segments, self.num_codebooks)
         tokens, mask = text_frames(self.tokenizer, text, speaker, self.num_codebooks)
         return torch.cat([ctx_tokens, tokens]), torch.cat([ctx_mask, mask])
+
+    def _check_speaker(self, speaker: int, what: str) -> None:
+        if not isinstance(speaker, int) or isinstance(speaker, bool) or speaker < 0:
+            raise ValueError(f"{what} must be a non-negative integer, got {speaker!r}")
+        if self.speakers is not None and speaker not in self.speakers:
+            known = "; ".join(f"{i}: {d}" if d else str(i) for i, d in sorted(self.speakers.items()))
+            raise ValueError(f"{what} {speaker} is not one this model was trained on ({known})")
 
     def _check_frames(self, frames: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, mask = frames
@@ -465,13 +476,16 @@ def load_generator(
         raise ValueError(f"unknown quantization {quantize!r}; supported: int8")
     tokenizer = TextTokenizer.from_pretrained(source)
     gen = Generator(model, tokenizer, codec, engine=engine, gemv=gemv)
-    gen.defaults.update(generation_defaults(source))
+    found = generation_defaults(source)
+    gen.speakers = found.pop("speakers", None)
+    gen.defaults.update(found)
     return gen
 
 
 def generation_defaults(source: str | os.PathLike) -> dict:
     """The sampling defaults a model directory recommends in generation.json ({"speaker", "temperature", "topk"},
-    all optional), e.g. the embedded voice, whose tiny model speaks more clearly with a small top-k; {} if none."""
+    all optional), e.g. the embedded voice, whose tiny model speaks more clearly with a small top-k; {} if none.
+    "speakers" ({"id": "description"}), if present, comes back as {int id: description}."""
     import json
 
     from .hub import ModelFilesNotFound, find_files
@@ -484,7 +498,19 @@ def generation_defaults(source: str | os.PathLike) -> dict:
         found = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    unknown = set(found) - set(DEFAULTS) if isinstance(found, dict) else {"(not an object)"}
+    unknown = set(found) - set(GENERATION_KEYS) if isinstance(found, dict) else {"(not an object)"}
     if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected some of {sorted(DEFAULTS)}")
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected some of {sorted(GENERATION_KEYS)}")
+    if "speakers" in found:
+        listed = found["speakers"]
+        try:
+            speakers = {int(k): str(v) for k, v in listed.items()}
+        except (AttributeError, ValueError):
+            speakers = {}
+        if not speakers or min(speakers) < 0:
+            raise ValueError(f'{path}: "speakers" must map non-negative ids to descriptions, got {listed!r}')
+        if found.get("speaker", DEFAULTS["speaker"]) not in speakers:
+            raise ValueError(f"{path}: the default speaker {found.get('speaker', DEFAULTS['speaker'])} is not among "
+                             f"its speakers {sorted(speakers)}")
+        found["speakers"] = speakers
     return found
