@@ -386,7 +386,7 @@ class Generator:
         out = []
         for rows in per_row:
             codes = torch.stack(rows, dim=1) if rows else torch.zeros(self.num_codebooks, 0, dtype=torch.long)
-            out.append(Speech(codes=codes, audio=self._decode(codes), sample_rate=self.sample_rate))
+            out.append(Speech(codes=codes, audio=self.decode_audio(codes), sample_rate=self.sample_rate))
         return out
 
     def generate(
@@ -443,7 +443,8 @@ class Generator:
         with torch.inference_mode():
             return decoder.decode(self._codec_ready(torch.stack(frames, dim=1)[None]))[0, 0].float().cpu()
 
-    def _decode(self, codes: torch.Tensor) -> torch.Tensor | None:
+    def decode_audio(self, codes: torch.Tensor) -> torch.Tensor | None:
+        """Mimi codes [K, F] -> a mono waveform [T] at the codec's sample rate (None without a codec or frames)."""
         if self.codec is None or codes.shape[1] == 0:
             return None
         with torch.inference_mode():
