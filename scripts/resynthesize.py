@@ -3,9 +3,11 @@
     python scripts/resynthesize.py runs/codec/step-004275 data/corpus/heldout out/resynth
     csm eval --wavs out/resynth/k8 --texts data/corpus/eval_sentences.txt --no-speaker   # Whisper WER of the codec
 
-Writes OUT/k{N}/<name>.wav for each number of codebooks N used in decoding (all, half, 1 by default) and prints
-held-out log-mel L1 and SNR per N as JSON: the same log-mel L1 that `csm train-codec` validates with, and
-`quiet_share_48db`, the share of that L1 that comes from bins more than 48 dB under each clip's loudest bin.
+Writes OUT/k{N}/<name>.wav for each number of codebooks N used in decoding (all, half, 1 by default), with
+`--latent` also OUT/latent/ (the encoder's latent straight to the decoder, no quantizer: what the quantizer costs),
+and prints held-out log-mel L1 and SNR per variant as JSON: the same log-mel L1 that `csm train-codec` validates
+with, and `quiet_share_48db`, the share of that L1 that comes from bins more than 48 dB under each clip's loudest
+bin.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def main() -> None:
     p.add_argument("wavs", type=Path, help="folder of audio files")
     p.add_argument("out", type=Path, help="output folder")
     p.add_argument("--codebooks", default="", help="comma-separated codebook counts (default: all, half, 1)")
+    p.add_argument("--latent", action="store_true", help="also decode the unquantized latent (OUT/latent)")
     args = p.parse_args()
 
     codec = load_mimi(args.codec)
@@ -42,18 +45,22 @@ def main() -> None:
     files = sorted(f for f in args.wavs.iterdir() if f.suffix.lower() in {".wav", ".flac", ".ogg"})
     if not files:
         raise SystemExit(f"no audio files in {args.wavs}")
-    for n in counts:
-        (args.out / f"k{n}").mkdir(parents=True, exist_ok=True)
+    names = [f"k{n}" for n in counts] + (["latent"] if args.latent else [])
+    for n in names:
+        (args.out / n).mkdir(parents=True, exist_ok=True)
     val_mel = ValMel(sr)
-    totals = {n: {"log_mel_l1": 0.0, "snr_db": 0.0} for n in counts}
-    quiet_err = {n: 0.0 for n in counts}  # log-mel error in bins > QUIET_DB under each clip's loudest bin
-    all_err = {n: 0.0 for n in counts}
+    totals = {n: {"log_mel_l1": 0.0, "snr_db": 0.0} for n in names}
+    quiet_err = {n: 0.0 for n in names}  # log-mel error in bins > QUIET_DB under each clip's loudest bin
+    all_err = {n: 0.0 for n in names}
     for f in files:
         x = load_audio(f, sr)
         codes = codec.encode(x)
-        for n in counts:
-            y = codec.decode(codes[:n])[: len(x)]
-            save_audio(args.out / f"k{n}" / f"{f.stem}.wav", y, sr)
+        outs = {f"k{n}": codec.decode(codes[:n]) for n in counts}
+        if args.latent:
+            outs["latent"] = codec.decode_latent(codec.encode_latent(x[None, None]))[0, 0]
+        for n, y in outs.items():
+            y = y[: len(x)]
+            save_audio(args.out / n / f"{f.stem}.wav", y, sr)
             totals[n]["log_mel_l1"] += float(val_mel(y, x)) / len(files)
             totals[n]["snr_db"] += 10 * math.log10(float(x.square().sum()) / float((x - y).square().sum())) / len(files)
             ref, out = val_mel.mel(x), val_mel.mel(y)
@@ -61,9 +68,9 @@ def main() -> None:
             quiet = ref < ref.max() * 10 ** (-QUIET_DB / 20)
             quiet_err[n] += float(err[quiet].sum())
             all_err[n] += float(err.sum())
-    for n in counts:  # where the validation metric's (and a 1e-5-floored loss') error lives
+    for n in names:  # where the validation metric's (and a 1e-5-floored loss') error lives
         totals[n][f"quiet_share_{QUIET_DB}db"] = quiet_err[n] / max(all_err[n], 1e-12)
-    print(json.dumps({"files": len(files), **{f"k{n}": v for n, v in totals.items()}}, indent=1))
+    print(json.dumps({"files": len(files), **totals}, indent=1))
 
 
 if __name__ == "__main__":

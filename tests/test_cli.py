@@ -178,3 +178,25 @@ def test_teacher_forced_script_writes_every_variant(tiny_ckpt, tmp_path):
     assert torch.equal(greedy[:, 0], c0) and torch.equal(drawn[:, 0], c0)
     assert torch.equal(logits.argmax(-1), greedy[:, 1:])  # each greedy code is the argmax given the ones before
     assert not torch.equal(drawn, greedy)
+
+
+def test_resynthesize_script_with_the_latent(tiny_ckpt, tmp_path):
+    """scripts/resynthesize.py: one folder per codebook count and, with --latent, the unquantized path; JSON scores."""
+    import json
+
+    import soundfile as sf
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    rng = np.random.default_rng(0)
+    for i, n in enumerate((4000, 5000)):  # not whole frames: outputs are cut to the input's length
+        sf.write(clips / f"{i:03d}_spk0.wav", 0.1 * rng.standard_normal(n), 24_000)
+    res = run(sys.executable, "scripts/resynthesize.py", str(tiny_ckpt / "codec"), str(clips), str(tmp_path / "rs"),
+              "--codebooks", "4,1", "--latent")
+    scores = json.loads(res.stdout)
+    assert scores["files"] == 2 and set(scores) == {"files", "k4", "k1", "latent"}
+    assert all(np.isfinite(scores[k]["log_mel_l1"]) for k in ("k4", "k1", "latent"))
+    for name in ("k4", "k1", "latent"):
+        for i, n in enumerate((4000, 5000)):
+            wav, sr = sf.read(tmp_path / "rs" / name / f"{i:03d}_spk0.wav")
+            assert sr == 24_000 and len(wav) == n, name
