@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="set torch._inductor.config.KEY (repeatable; ints, floats, true/false, strings)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.gemv_chunk and args.gemv != "inductor" and not args.quantize:  # before building a full-size model
+        p.error("--gemv-chunk needs --gemv inductor or --quantize int8")
 
     import torch._inductor.config as inductor_config
 
@@ -127,8 +129,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.gemv_chunk:
         from csm.quantize import Int8Linear, SumLinear
 
-        if args.gemv != "inductor" and not args.quantize:
-            p.error("--gemv-chunk needs --gemv inductor or --quantize int8")
         for m in gen.model.modules():
             if isinstance(m, (SumLinear, Int8Linear)):
                 m.chunk = args.gemv_chunk
