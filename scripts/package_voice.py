@@ -36,11 +36,15 @@ def _last(checkpoint: Path, key: str) -> dict:
     return next((r for r in reversed(rows) if key in r and r.get("step", 0) <= step), {})
 
 
-def corpus_speakers(corpora: list[str]) -> dict[str, str]:
-    """Speaker id -> voice description over the make_corpus.py folders the voice was trained on."""
+def read_corpora(folders: list[str]) -> list[tuple[Path, dict]]:
+    """(folder, its corpus.json) for each make_corpus.py folder the voice was trained on."""
+    return [(Path(c), json.loads((Path(c) / "corpus.json").read_text())) for c in folders]
+
+
+def corpus_speakers(corpora: list[tuple[Path, dict]]) -> dict[str, str]:
+    """Speaker id -> voice description over the corpora."""
     speakers = {}
-    for c in corpora:
-        meta = json.loads((Path(c) / "corpus.json").read_text())
+    for _, meta in corpora:
         voices = meta.get("voices", [])
         for i in meta.get("speakers", range(len(voices))):
             speakers[str(i)] = voices[i].get("description", voices[i].get("name", "")) if i < len(voices) else ""
@@ -57,8 +61,7 @@ def _mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
 
 
-def card(args, model, codec, out: Path) -> str:
-    corpora = [(Path(c), json.loads((Path(c) / "corpus.json").read_text())) for c in args.corpus]
+def card(args, model, codec, out: Path, corpora: list[tuple[Path, dict]]) -> str:
     train_last = _last(Path(args.model), "loss")
     eval_last = _last(Path(args.model), "eval_loss")
     codec_last = _last(Path(args.codec), "val_mel_l1")
@@ -82,7 +85,7 @@ def card(args, model, codec, out: Path) -> str:
                      + ".")
     if corpora:
         lines += ["", "Speakers (`csm say --speaker N`; other ids are refused):"]
-        lines += [f"- {i}: {d}" for i, d in corpus_speakers(args.corpus).items()]
+        lines += [f"- {i}: {d}" for i, d in corpus_speakers(corpora).items()]
     lines += ["", "## Models", ""]
     lines.append(f"- CSM: backbone {c.backbone.n_layers} layers × {c.backbone.dim}, decoder {c.decoder.n_layers} "
                  f"layers × {c.decoder.dim}, {c.audio_num_codebooks} codebooks, text vocabulary {c.text_vocab_size}; "
@@ -142,6 +145,7 @@ def main() -> None:
     p.add_argument("--generation", default=None, metavar="JSON",
                    help='sampling defaults written to generation.json, e.g. \'{"speaker": 1, "topk": 5}\'')
     args = p.parse_args()
+    corpora = read_corpora(args.corpus)  # first, so that a wrong folder fails before any work
 
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -153,13 +157,13 @@ def main() -> None:
     shutil.copy(Path(args.model) / "tokenizer.json", out / "tokenizer.json")
     save_mimi(codec, out / "codec", dtype=STORE)
     generation = json.loads(args.generation) if args.generation else {}
-    speakers = corpus_speakers(args.corpus)
+    speakers = corpus_speakers(corpora)
     if speakers:  # so that `csm say --speaker 7` names the voices it has instead of inventing one
         generation.setdefault("speakers", speakers)
     if generation:
         (out / "generation.json").write_text(json.dumps(generation) + "\n")
         generation_defaults(out)  # checks the keys
-    (out / "MODEL_CARD.md").write_text(card(args, model, codec, out))
+    (out / "MODEL_CARD.md").write_text(card(args, model, codec, out, corpora))
     print(f"wrote {out} ({_mb(out):.1f} MB)")
 
 
