@@ -109,12 +109,29 @@ def test_say_reports_a_line_that_ends_at_once(tiny_ckpt, tmp_path, monkeypatch, 
     from csm.cli import main
     from csm.generate import Generator, Speech
 
-    monkeypatch.setattr(Generator, "generate", lambda self, *a, **k: Speech(torch.zeros(32, 0, dtype=torch.long),
-                                                                           None, 24_000))
+    monkeypatch.setattr(Generator, "generate_batch", lambda self, reqs: [Speech(torch.zeros(32, 0, dtype=torch.long),
+                                                                               None, 24_000) for _ in reqs])
     out = tmp_path / "x.wav"
-    assert main(["say", "Hi.", "--model", str(tiny_ckpt), "-o", str(out), "--codec", "none"]) == 1
-    assert "ended the line before speaking" in capsys.readouterr().err
-    assert not out.exists() and not out.with_suffix(".npy").exists()
+    for split in ([], ["--no-split"]):
+        assert main(["say", "Hi.", "--model", str(tiny_ckpt), "-o", str(out), "--codec", "none", *split]) == 1
+        assert "ended the line before speaking" in capsys.readouterr().err
+        assert not out.exists() and not out.with_suffix(".npy").exists()
+
+
+def test_say_speaks_text_sentence_by_sentence(tiny_ckpt, tmp_path, monkeypatch):
+    """Several sentences become several lines (each its own request); --no-split speaks the text as one line."""
+    from csm.cli import main
+    from csm.generate import Generator
+
+    seen = []
+    real = Generator.generate_batch
+    monkeypatch.setattr(Generator, "generate_batch", lambda self, reqs: seen.extend(r.text for r in reqs) or
+                        real(self, reqs))
+    args = ["say", "Hello there. How are you?", "--model", str(tiny_ckpt), "--codec", "none", "--max-ms", "240",
+            "--seed", "0", "-o", str(tmp_path / "x.npy")]
+    assert main(args) == 0 and seen == ["Hello there.", "How are you?"]
+    seen.clear()
+    assert main(args + ["--no-split"]) == 0 and seen == ["Hello there. How are you?"]
 
 
 def test_say_does_not_load_the_compiler_stack(tmp_path):

@@ -329,6 +329,18 @@ def test_generation_mode_end_to_end(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--repeats"):
         ev.run_eval(p.parse_args(["eval", "--wavs", str(out), "--repeats", "2", "--no-wer", "--no-speaker"]))
 
+    # --split: a paragraph is spoken sentence by sentence, as `csm say` does
+    (tmp_path / "para.txt").write_text("Hello there. How are you today?\n")
+    spoken = []
+    real = generate.Generator.generate_batch
+    monkeypatch.setattr(generate.Generator, "generate_batch",
+                        lambda self, reqs: spoken.extend(r.text for r in reqs) or real(self, reqs))
+    for split, lines in (([], ["Hello there. How are you today?"]), (["--split"], ["Hello there.", "How are you today?"])):
+        spoken.clear()
+        args = p.parse_args(["eval", "--model", "unused", "--texts", str(tmp_path / "para.txt"), "--no-wer",
+                             "--no-speaker", "--max-ms", "400", "--warmup", "0", *split])
+        assert args.func(args) == 0 and spoken == lines
+
 
 def test_missing_evaluators_name_the_pip_command(monkeypatch):
     import sys

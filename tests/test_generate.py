@@ -294,3 +294,61 @@ def test_model_directory_speaker_list(tokenizer, tmp_path):
         (tmp_path / "generation.json").write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=match):
             load_generator(tmp_path, device="cpu")
+
+
+def test_split_sentences():
+    from csm.tokenizer import split_sentences
+
+    text = 'Hello there. Dr. Smith met J. R. Jones! Is it No. 5? "Yes." No. Then\n\nno stop here'
+    assert split_sentences(text) == ["Hello there.", "Dr. Smith met J. R. Jones!", "Is it No. 5?", '"Yes."', "No.",
+                                     "Then", "no stop here"]
+    # a long sentence is cut at clause punctuation first, then between words
+    assert split_sentences("a, b c d, e f; g h i j k l m n: o", max_words=3) == \
+        ["a,", "b c d,", "e f;", "g h i", "j k l", "m n: o"]
+    assert split_sentences("one two three four five.", max_words=10) == ["one two three four five."]
+    with pytest.raises(ValueError, match="max_words"):
+        split_sentences("hi", max_words=0)
+
+
+def test_generate_long_speaks_sentence_by_sentence(tokenizer):
+    """Each sentence is its own line with seed + i; chained, the previous sentence and its codes are its context;
+    the audio is the sentences' audio joined by the pause."""
+    from dataclasses import replace
+
+    from csm.mimi import Mimi, preset
+
+    torch.manual_seed(0)
+    codec = Mimi(replace(preset("tiny"), num_codebooks=32, codebook_size=2048)).eval()
+    g = Generator(CSM(get_config("tiny")), tokenizer, codec)
+    kw = dict(max_audio_length_ms=240, topk=1)
+    first = g.generate("hello there.", 0, seed=3, **kw)
+    assert first.codes.shape[1] > 0
+    second_alone = g.generate("how are you?", 0, seed=4, **kw)
+    second_chained = g.generate("how are you?", 0, context=[Segment(0, "hello there.", first.codes)], seed=4, **kw)
+    assert not torch.equal(second_alone.codes, second_chained.codes)  # the context matters, so the test can fail
+
+    one = g.generate_long("hello there.", 0, seed=3, **kw)
+    assert torch.equal(one.codes, first.codes) and torch.equal(one.audio, first.audio)
+    chained = g.generate_long("hello there. how are you?", 0, seed=3, pause_ms=100, **kw)
+    assert torch.equal(chained.codes, torch.cat([first.codes, second_chained.codes], dim=1))
+    gap = torch.zeros(int(g.sample_rate * 0.1))
+    assert torch.equal(chained.audio, torch.cat([first.audio, gap, second_chained.audio]))
+    apart = g.generate_long("hello there. how are you?", 0, seed=3, chain=False, **kw)
+    assert torch.equal(apart.codes, torch.cat([first.codes, second_alone.codes], dim=1))
+    with pytest.raises(ValueError, match="empty"):
+        g.generate_long("  ")
+    with pytest.raises(ValueError, match="pause_ms"):
+        g.generate_long("hi.", pause_ms=-1)
+
+
+def test_generate_long_leaves_out_a_previous_sentence_that_does_not_fit(gen):
+    """The chained sentence is dropped when it would not fit beside the given context (which is kept); a line that
+    does not fit even alone is an error."""
+    ctx = [Segment(1, "fine thanks", torch.randint(0, 2048, (32, 400), generator=torch.Generator().manual_seed(3)))]
+    kw = dict(max_audio_length_ms=80 * 80, topk=1)  # 401 context frames + ~10 text + 80 fit 512; + the previous not
+    speech = gen.generate_long("hello there. how are you?", 0, context=ctx, seed=0, **kw)
+    first = gen.generate("hello there.", 0, context=ctx, seed=0, **kw).codes
+    second = gen.generate("how are you?", 0, context=ctx, seed=1, **kw).codes
+    assert first.shape[1] > 10 and torch.equal(speech.codes, torch.cat([first, second], dim=1))
+    with pytest.raises(ContextTooLongError):
+        gen.generate_long("hello", 0, context=ctx, max_audio_length_ms=10_000)

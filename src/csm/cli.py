@@ -26,15 +26,12 @@ def _say(args: argparse.Namespace) -> int:
                          engine=args.engine, gemv=args.gemv)
     context = [_context_segment(gen, spec) for spec in args.context or []]
     t1 = time.perf_counter()
-    speech = gen.generate(
-        args.text,
-        speaker=args.speaker,
-        context=context,
-        max_audio_length_ms=args.max_ms,
-        temperature=args.temperature,
-        topk=args.topk,
-        seed=args.seed,
-    )
+    kwargs = dict(speaker=args.speaker, context=context, max_audio_length_ms=args.max_ms,
+                  temperature=args.temperature, topk=args.topk, seed=args.seed)
+    if args.no_split:
+        speech = gen.generate(args.text, **kwargs)
+    else:  # one sentence at a time, each in the context of the one before: models learn from single utterances
+        speech = gen.generate_long(args.text, **kwargs, pause_ms=args.pause_ms, progress=True)
     t2 = time.perf_counter()
     if speech.codes.shape[1] == 0:  # the first frame was end-of-utterance: nothing to write
         print("csm say: error: the model ended the line before speaking (no audio, nothing written); "
@@ -106,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument("--codec", default=None, help="Mimi weights (directory/hub id); default: from --model; 'none'")
     say.add_argument("--speaker", type=int, default=None, help="speaker id (default: the model's, else 0)")
     say.add_argument("--context", action="append", metavar="SPEAKER:TEXT:AUDIO", help="earlier turn (repeatable)")
-    say.add_argument("--max-ms", type=float, default=10_000, help="generation budget in milliseconds")
+    say.add_argument("--max-ms", type=float, default=10_000, help="generation budget per sentence, in milliseconds")
+    say.add_argument("--no-split", action="store_true",
+                     help="speak TEXT as one line (default: sentence by sentence, each in the context of the last)")
+    say.add_argument("--pause-ms", type=float, default=200, help="silence between sentences (default 200)")
     say.add_argument("--temperature", type=float, default=None, help="default: the model's, else 0.9")
     say.add_argument("--topk", type=int, default=None, help="default: the model's, else 50")
     say.add_argument("--seed", type=int, default=None)

@@ -705,6 +705,7 @@ def _generate(args, corpus: list[CorpusClip] | None, timings: dict):
 
     from .frames import Segment
     from .generate import load_generator
+    from .tokenizer import split_sentences
 
     texts_path = args.texts
     if texts_path is None and args.corpus is not None:
@@ -776,8 +777,13 @@ def _generate(args, corpus: list[CorpusClip] | None, timings: dict):
                 codes = gen.encode_audio(torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32)))
                 context = [Segment(spk, clip.text, codes.cpu())]
             t0 = time.perf_counter()
-            speech = gen.generate(text, speaker=spk, context=context, max_audio_length_ms=budget(text),
-                                  temperature=args.temperature, topk=args.topk, seed=round_seed + i)
+            if args.split:  # as `csm say` speaks it: sentence by sentence, each budgeted on its own words
+                speech = gen.generate_long(text, speaker=spk, context=context, max_audio_length_ms=args.max_ms or
+                                           max(budget(s) for s in split_sentences(text)), temperature=args.temperature,
+                                           topk=args.topk, seed=round_seed + i)
+            else:
+                speech = gen.generate(text, speaker=spk, context=context, max_audio_length_ms=budget(text),
+                                      temperature=args.temperature, topk=args.topk, seed=round_seed + i)
             it.gen_s = round(time.perf_counter() - t0, 3)
             it.duration_s = round(speech.duration_s, 3)
             it.rtf = round(it.gen_s / speech.duration_s, 3) if speech.duration_s > 0 else None
@@ -838,6 +844,9 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
                      help="speaker id when there is no --corpus (default: the model's, else 0)")
     g = p.add_argument_group("generation")
     g.add_argument("--max-ms", type=float, default=0, help="budget per line (default: 2 s + 0.6 s/word, <= 10 s)")
+    g.add_argument("--split", action="store_true",
+                   help="speak each line sentence by sentence, as `csm say` does (for paragraphs; the budget is "
+                        "then per sentence)")
     g.add_argument("--temperature", type=float, default=None, help="default: the model's (generation.json), else 0.9")
     g.add_argument("--topk", type=int, default=None, help="default: the model's (generation.json), else 50")
     g.add_argument("--seed", type=int, default=0, help="sampling seed of line i is seed + i; also picks clips")

@@ -403,6 +403,69 @@ class Generator:
         return self.generate_batch([self.request(text, speaker, context, max_audio_length_ms, temperature, topk,
                                                  seed)])[0]
 
+    def generate_long(
+        self,
+        text: str,
+        speaker: int | None = None,
+        context: Sequence[Segment] = (),
+        max_audio_length_ms: float = 10_000,
+        temperature: float | None = None,
+        topk: int | None = None,
+        seed: int | None = None,
+        *,
+        max_words: int = 30,
+        pause_ms: float = 200,
+        chain: bool = True,
+        progress: bool = False,
+    ) -> Speech:
+        """Speak text of any length, one sentence at a time (`tokenizer.split_sentences`).
+
+        Each sentence is a line of its own (`max_audio_length_ms` is its budget, `seed + i` its seed). With `chain`,
+        its context is the given context plus the sentence before it, as text and the codes just generated, so the
+        voice carries on from itself; that sentence is left out when it would not fit the model's context. The
+        sentences' audio is joined with `pause_ms` of silence; `codes` is their frames back to back."""
+        from .tokenizer import split_sentences
+
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("text to speak is empty")
+        if pause_ms < 0:
+            raise ValueError(f"pause_ms must be >= 0, got {pause_ms}")
+        lines = split_sentences(text, max_words)
+        spk = self.defaults["speaker"] if speaker is None else speaker
+        context = [Segment(c.speaker, c.text, self.encode_audio(c.audio) if c.audio is not None
+                           and c.audio.is_floating_point() else c.audio) for c in context]  # encode once
+        parts: list[Speech] = []
+        previous: Segment | None = None
+        bar = None
+        if progress and len(lines) > 1:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(lines), unit="sentence", leave=False)
+        for i, line in enumerate(lines):
+            req = self.request(line, spk, context, max_audio_length_ms, temperature, topk,
+                               None if seed is None else seed + i)
+            if previous is not None:
+                with_previous = Request(**{**req.__dict__, "context": [*context, previous]})
+                prompt = self.prompt_frames(line, spk, with_previous.context)
+                if len(prompt[0]) + int(max_audio_length_ms // FRAME_MS) <= self.model.cfg.backbone.max_seq_len:
+                    req = with_previous
+            speech = self.generate_batch([req])[0]
+            if speech.codes.shape[1] > 0:
+                parts.append(speech)
+                previous = Segment(spk, line, speech.codes) if chain else None
+            if bar is not None:
+                bar.update()
+        if bar is not None:
+            bar.close()
+        codes = torch.cat([p.codes for p in parts], dim=1) if parts else \
+            torch.zeros(self.num_codebooks, 0, dtype=torch.long)
+        audio = None
+        if self.codec is not None and parts:
+            gap = torch.zeros(int(self.sample_rate * pause_ms / 1000))
+            pieces = [x for p in parts for x in (gap, p.audio)][1:]
+            audio = torch.cat(pieces)
+        return Speech(codes=codes, audio=audio, sample_rate=self.sample_rate)
+
     def request(self, text: str, speaker: int | None = None, context: Sequence[Segment] = (),
                 max_audio_length_ms: float = 10_000, temperature: float | None = None, topk: int | None = None,
                 seed: int | None = None) -> Request:

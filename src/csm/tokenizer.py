@@ -8,6 +8,7 @@ which tokenizer.json was shipped.
 from __future__ import annotations
 
 import os
+import re
 from typing import Iterable
 
 from tokenizers import Tokenizer
@@ -75,3 +76,61 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> TextTokenize
     tok.train_from_iterator(texts, trainer=trainer)
     return TextTokenizer(tok)
 
+
+
+# Words whose trailing period does not end a sentence ("Dr. Smith", "e.g. this").
+_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "st", "sr", "jr", "vs", "etc", "e.g", "i.e", "approx", "no"}
+_SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*$")
+
+
+def split_sentences(text: str, max_words: int = 30) -> list[str]:
+    """Text of any length -> the lines a CSM speaks one at a time.
+
+    CSM models learn from single utterances, so a paragraph read as one line comes out as babble (or hits the
+    context limit). Splits after . ! ? (not after common abbreviations, single-letter initials or "No." before a
+    number) and at blank lines; a sentence over `max_words` words is cut at its commas, semicolons and colons, and
+    a clause still over the limit between words."""
+    if max_words < 1:
+        raise ValueError(f"max_words must be at least 1, got {max_words}")
+    sentences: list[list[str]] = []
+    for paragraph in re.split(r"\n\s*\n", text):
+        words = paragraph.split()
+        current: list[str] = []
+        for i, word in enumerate(words):
+            current.append(word)
+            if not _SENTENCE_END.search(word):
+                continue
+            stem = word.rstrip("\"')]").rstrip(".!?").lower()
+            nxt = words[i + 1] if i + 1 < len(words) else ""
+            abbreviation = word.rstrip("\"')]").endswith(".") and (
+                (stem in _ABBREVIATIONS and (stem != "no" or nxt[:1].isdigit())) or (len(stem) == 1 and stem.isalpha()))
+            if not abbreviation:
+                sentences.append(current)
+                current = []
+        if current:
+            sentences.append(current)
+    lines = []
+    for sentence in sentences:
+        lines.extend(" ".join(chunk) for chunk in _cut(sentence, max_words))
+    return lines
+
+
+def _cut(words: list[str], max_words: int) -> list[list[str]]:
+    """Words -> chunks of at most max_words, cut after clause punctuation where possible."""
+    if len(words) <= max_words:
+        return [words]
+    clauses, current = [], []
+    for word in words:
+        current.append(word)
+        if word[-1] in ",;:":
+            clauses.append(current)
+            current = []
+    if current:
+        clauses.append(current)
+    chunks: list[list[str]] = []
+    for clause in clauses:
+        if chunks and len(chunks[-1]) + len(clause) <= max_words:
+            chunks[-1].extend(clause)
+        else:
+            chunks.extend(clause[i: i + max_words] for i in range(0, len(clause), max_words))
+    return chunks
