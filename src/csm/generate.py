@@ -14,7 +14,7 @@ default on GPU) or compiled (`engine="compile"`), and its sampling needs no host
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
@@ -424,6 +424,8 @@ class Generator:
         its context is the given context plus the sentence before it, as text and the codes just generated, so the
         voice carries on from itself; that sentence is left out when it would not fit the model's context. The
         sentences' audio is joined with `pause_ms` of silence; `codes` is their frames back to back."""
+        from tqdm import tqdm
+
         from .tokenizer import split_sentences
 
         if not isinstance(text, str) or not text.strip():
@@ -436,27 +438,20 @@ class Generator:
                            and c.audio.is_floating_point() else c.audio) for c in context]  # encode once
         parts: list[Speech] = []
         previous: Segment | None = None
-        bar = None
-        if progress and len(lines) > 1:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(lines), unit="sentence", leave=False)
-        for i, line in enumerate(lines):
+        for i, line in enumerate(tqdm(lines, unit="sentence", leave=False, disable=not progress or len(lines) < 2)):
             req = self.request(line, spk, context, max_audio_length_ms, temperature, topk,
                                None if seed is None else seed + i)
             if previous is not None:
-                with_previous = Request(**{**req.__dict__, "context": [*context, previous]})
-                prompt = self.prompt_frames(line, spk, with_previous.context)
-                if len(prompt[0]) + int(max_audio_length_ms // FRAME_MS) <= self.model.cfg.backbone.max_seq_len:
-                    req = with_previous
+                chained = replace(req, context=[*context, previous])
+                try:
+                    self._check_budget(len(self.prompt_frames(line, spk, chained.context)[0]), chained)
+                    req = chained
+                except ContextTooLongError:  # no room beside the given context: this sentence goes without it
+                    pass
             speech = self.generate_batch([req])[0]
             if speech.codes.shape[1] > 0:
                 parts.append(speech)
                 previous = Segment(spk, line, speech.codes) if chain else None
-            if bar is not None:
-                bar.update()
-        if bar is not None:
-            bar.close()
         codes = torch.cat([p.codes for p in parts], dim=1) if parts else \
             torch.zeros(self.num_codebooks, 0, dtype=torch.long)
         audio = None
