@@ -335,6 +335,13 @@ def test_generate_long_speaks_sentence_by_sentence(tokenizer):
     assert torch.equal(chained.audio, torch.cat([first.audio, gap, second_chained.audio]))
     apart = g.generate_long("hello there. how are you?", 0, seed=3, chain=False, **kw)
     assert torch.equal(apart.codes, torch.cat([first.codes, second_alone.codes], dim=1))
+    # streamed: the same audio, chunk by chunk, the pause a chunk of its own
+    chunks = list(g.stream_long("hello there. how are you?", 0, seed=3, pause_ms=100, chunk_frames=2, **kw))
+    hop = codec.frame_size
+    n1, n2 = first.codes.shape[1], second_chained.codes.shape[1]
+    sizes = [2 * hop] * (n1 // 2) + [hop] * (n1 % 2) + [len(gap)] + [2 * hop] * (n2 // 2) + [hop] * (n2 % 2)
+    assert [len(c) for c in chunks] == sizes
+    torch.testing.assert_close(torch.cat(chunks), chained.audio, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="empty"):
         g.generate_long("  ")
     with pytest.raises(ValueError, match="pause_ms"):

@@ -426,28 +426,11 @@ class Generator:
         sentences' audio is joined with `pause_ms` of silence; `codes` is their frames back to back."""
         from tqdm import tqdm
 
-        from .tokenizer import split_sentences
-
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError("text to speak is empty")
-        if pause_ms < 0:
-            raise ValueError(f"pause_ms must be >= 0, got {pause_ms}")
-        lines = split_sentences(text, max_words)
-        spk = self.defaults["speaker"] if speaker is None else speaker
-        context = [Segment(c.speaker, c.text, self.encode_audio(c.audio) if c.audio is not None
-                           and c.audio.is_floating_point() else c.audio) for c in context]  # encode once
+        lines, spk, context = self._long_setup(text, speaker, context, max_words, pause_ms)
         parts: list[Speech] = []
         previous: Segment | None = None
         for i, line in enumerate(tqdm(lines, unit="sentence", leave=False, disable=not progress or len(lines) < 2)):
-            req = self.request(line, spk, context, max_audio_length_ms, temperature, topk,
-                               None if seed is None else seed + i)
-            if previous is not None:
-                chained = replace(req, context=[*context, previous])
-                try:
-                    self._check_budget(len(self.prompt_frames(line, spk, chained.context)[0]), chained)
-                    req = chained
-                except ContextTooLongError:  # no room beside the given context: this sentence goes without it
-                    pass
+            req = self._line_request(line, i, spk, context, previous, max_audio_length_ms, temperature, topk, seed)
             speech = self.generate_batch([req])[0]
             if speech.codes.shape[1] > 0:
                 parts.append(speech)
@@ -456,10 +439,73 @@ class Generator:
             torch.zeros(self.num_codebooks, 0, dtype=torch.long)
         audio = None
         if self.codec is not None and parts:
-            gap = torch.zeros(int(self.sample_rate * pause_ms / 1000))
-            pieces = [x for p in parts for x in (gap, p.audio)][1:]
-            audio = torch.cat(pieces)
+            gap = self._pause(pause_ms)
+            audio = torch.cat([x for p in parts for x in (gap, p.audio)][1:])
         return Speech(codes=codes, audio=audio, sample_rate=self.sample_rate)
+
+    def stream_long(
+        self,
+        text: str,
+        speaker: int | None = None,
+        context: Sequence[Segment] = (),
+        max_audio_length_ms: float = 10_000,
+        temperature: float | None = None,
+        topk: int | None = None,
+        seed: int | None = None,
+        *,
+        chunk_frames: int = 4,
+        max_words: int = 30,
+        pause_ms: float = 200,
+        chain: bool = True,
+    ) -> Iterator[torch.Tensor]:
+        """`generate_long` as a stream: audio chunks [T] as `stream` yields them, sentence after sentence, with the
+        pause as a chunk of its own between sentences. The chunks concatenate to generate_long's audio."""
+        if self.codec is None:
+            raise ValueError("streaming audio needs a codec")
+        lines, spk, context = self._long_setup(text, speaker, context, max_words, pause_ms)
+        previous: Segment | None = None
+        spoken = False
+        for i, line in enumerate(lines):
+            req = self._line_request(line, i, spk, context, previous, max_audio_length_ms, temperature, topk, seed)
+            frames: list[torch.Tensor] = []
+            for j, chunk in enumerate(self._stream(req, chunk_frames, frames)):
+                if j == 0 and spoken:
+                    yield self._pause(pause_ms)
+                yield chunk
+            if frames:
+                spoken = True
+                previous = Segment(spk, line, torch.stack(frames, dim=1)) if chain else None
+
+    def _long_setup(self, text: str, speaker: int | None, context: Sequence[Segment], max_words: int,
+                    pause_ms: float) -> tuple[list[str], int, list[Segment]]:
+        """generate_long's checks: (sentences, speaker, context with waveforms encoded once for all sentences)."""
+        from .tokenizer import split_sentences
+
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("text to speak is empty")
+        if pause_ms < 0:
+            raise ValueError(f"pause_ms must be >= 0, got {pause_ms}")
+        context = [Segment(c.speaker, c.text, self.encode_audio(c.audio) if c.audio is not None
+                           and c.audio.is_floating_point() else c.audio) for c in context]
+        return split_sentences(text, max_words), self.defaults["speaker"] if speaker is None else speaker, context
+
+    def _line_request(self, line: str, i: int, speaker: int, context: list[Segment], previous: Segment | None,
+                      max_audio_length_ms: float, temperature: float | None, topk: int | None,
+                      seed: int | None) -> Request:
+        """Sentence i's request: seed + i, and the previous sentence after the context if it fits."""
+        req = self.request(line, speaker, context, max_audio_length_ms, temperature, topk,
+                           None if seed is None else seed + i)
+        if previous is not None:
+            chained = replace(req, context=[*context, previous])
+            try:
+                self._check_budget(len(self.prompt_frames(line, speaker, chained.context)[0]), chained)
+                return chained
+            except ContextTooLongError:  # no room beside the given context: this sentence goes without it
+                pass
+        return req
+
+    def _pause(self, pause_ms: float) -> torch.Tensor:
+        return torch.zeros(int(self.sample_rate * pause_ms / 1000))
 
     def request(self, text: str, speaker: int | None = None, context: Sequence[Segment] = (),
                 max_audio_length_ms: float = 10_000, temperature: float | None = None, topk: int | None = None,
@@ -473,16 +519,21 @@ class Generator:
     def stream(self, request: Request, chunk_frames: int = 4) -> Iterator[torch.Tensor]:
         """Yield audio chunks [T] (float, codec sample rate) as frames are produced: every `chunk_frames` frames,
         decoded by the codec's streaming decoder, so the concatenation equals the one-shot decode."""
+        yield from self._stream(request, chunk_frames, [])
+
+    def _stream(self, request: Request, chunk_frames: int, frames: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """stream(), also appending the line's frames [K] to `frames` as they come."""
         if self.codec is None:
             raise ValueError("streaming audio needs a codec")
         if chunk_frames < 1:
             raise ValueError("chunk_frames must be at least 1")
         decoder = self.codec.decode_stream(1)
         pending: list[torch.Tensor] = []
-        for frames, active in self.iter_frames([request]):
+        for step, active in self.iter_frames([request]):
             if not bool(active[0]):
                 break
-            pending.append(frames[0])
+            pending.append(step[0])
+            frames.append(step[0].cpu())
             if len(pending) == chunk_frames:
                 yield self._stream_chunk(decoder, pending)
                 pending = []
