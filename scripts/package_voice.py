@@ -109,7 +109,7 @@ def card(args, model, codec, out: Path, corpora: list[tuple[Path, dict]]) -> str
         lines.append(f"  Trained {codec_last['step']} steps ({codec_last.get('train_minutes', 0):.1f} min); held-out "
                      f"log-mel L1 {codec_last['val_mel_l1']:.3f}.")
     if args.generation:
-        lines.append(f"- Sampling defaults (`generation.json`, used by `csm say` unless overridden): {args.generation}.")
+        lines.append(f"- Generation defaults (`generation.json`, used by `csm say` unless overridden): {args.generation}.")
     if args.notes:
         lines += ["", args.notes]
     lines += ["", "## Scores (`csm eval`)", ""]

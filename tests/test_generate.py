@@ -257,15 +257,25 @@ def test_model_directory_generation_defaults(tokenizer, tmp_path):
     save_checkpoint(CSM(get_config("tiny")), tmp_path)
     tokenizer.save(tmp_path / "tokenizer.json")
     plain = load_generator(tmp_path, device="cpu")
-    assert plain.defaults == {"speaker": 0, "temperature": 0.9, "topk": 50}
-    (tmp_path / "generation.json").write_text(json.dumps({"speaker": 2, "topk": 1}))
+    assert plain.defaults == {"speaker": 0, "temperature": 0.9, "topk": 50, "max_words": 30}
+    (tmp_path / "generation.json").write_text(json.dumps({"speaker": 2, "topk": 1, "max_words": 3}))
     gen = load_generator(tmp_path, device="cpu")
-    assert gen.defaults == {"speaker": 2, "temperature": 0.9, "topk": 1}
+    assert gen.defaults == {"speaker": 2, "temperature": 0.9, "topk": 1, "max_words": 3}
+    spoken = []
+    real = Generator.generate_batch
+    gen.generate_batch = lambda reqs: spoken.extend(r.text for r in reqs) or real(gen, reqs)
+    gen.generate_long("hello there how are you", max_audio_length_ms=160, seed=0)  # cut at the model's max_words
+    gen.generate_long("hello there how are you", max_audio_length_ms=160, seed=0, max_words=30)
+    assert spoken == ["hello there how", "are you", "hello there how are you"]
+    del gen.generate_batch
     line = dict(max_audio_length_ms=480, seed=3)
     assert torch.equal(gen.generate("hello", **line).codes, plain.generate("hello", 2, topk=1, **line).codes)
     assert torch.equal(gen.generate("hello", 1, topk=50, **line).codes, plain.generate("hello", 1, **line).codes)
     (tmp_path / "generation.json").write_text(json.dumps({"top_k": 5}))
     with pytest.raises(ValueError, match="unknown keys"):
+        load_generator(tmp_path, device="cpu")
+    (tmp_path / "generation.json").write_text(json.dumps({"max_words": 0}))
+    with pytest.raises(ValueError, match="max_words"):
         load_generator(tmp_path, device="cpu")
 
 

@@ -31,7 +31,8 @@ def _say(args: argparse.Namespace) -> int:
     if args.no_split:
         speech = gen.generate(args.text, **kwargs)
     else:  # one sentence at a time, each in the context of the one before: models learn from single utterances
-        speech = gen.generate_long(args.text, **kwargs, pause_ms=args.pause_ms, progress=True)
+        speech = gen.generate_long(args.text, **kwargs, max_words=args.max_words, pause_ms=args.pause_ms,
+                                   progress=True)
     t2 = time.perf_counter()
     if speech.codes.shape[1] == 0:  # the first frame was end-of-utterance: nothing to write
         print("csm say: error: the model ended the line before speaking (no audio, nothing written); "
@@ -107,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument("--no-split", action="store_true",
                      help="speak TEXT as one line (default: sentence by sentence, each in the context of the last)")
     say.add_argument("--pause-ms", type=float, default=200, help="silence between sentences (default 200)")
+    say.add_argument("--max-words", type=int, default=None,
+                     help="a longer sentence is cut at its commas (default: the model's, else 30)")
     say.add_argument("--temperature", type=float, default=None, help="default: the model's, else 0.9")
     say.add_argument("--topk", type=int, default=None, help="default: the model's, else 50")
     say.add_argument("--seed", type=int, default=None)

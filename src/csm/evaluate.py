@@ -780,7 +780,7 @@ def _generate(args, corpus: list[CorpusClip] | None, timings: dict):
             if args.split:  # as `csm say` speaks it: sentence by sentence, each budgeted on its own words
                 speech = gen.generate_long(text, speaker=spk, context=context, max_audio_length_ms=args.max_ms or
                                            max(budget(s) for s in split_sentences(text)), temperature=args.temperature,
-                                           topk=args.topk, seed=round_seed + i)
+                                           topk=args.topk, seed=round_seed + i, max_words=args.max_words)
             else:
                 speech = gen.generate(text, speaker=spk, context=context, max_audio_length_ms=budget(text),
                                       temperature=args.temperature, topk=args.topk, seed=round_seed + i)
@@ -847,6 +847,8 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--split", action="store_true",
                    help="speak each line sentence by sentence, as `csm say` does (for paragraphs; the budget is "
                         "then per sentence)")
+    g.add_argument("--max-words", type=int, default=None,
+                   help="with --split: a longer sentence is cut at its commas (default: the model's, else 30)")
     g.add_argument("--temperature", type=float, default=None, help="default: the model's (generation.json), else 0.9")
     g.add_argument("--topk", type=int, default=None, help="default: the model's (generation.json), else 50")
     g.add_argument("--seed", type=int, default=0, help="sampling seed of line i is seed + i; also picks clips")

@@ -25,8 +25,9 @@ from .model import CSM, causal_mask
 from .tokenizer import TextTokenizer
 
 FRAME_MS = 80  # Mimi: 12.5 frames per second
-# Sampling defaults (Sesame's); a model directory may override them with a generation.json (see load_generator).
-DEFAULTS = {"speaker": 0, "temperature": 0.9, "topk": 50}
+# Sampling defaults (Sesame's), and the longest line generate_long speaks in one piece (ours: ~10 s of speech, the
+# default budget); a model directory may override them with a generation.json (see load_generator).
+DEFAULTS = {"speaker": 0, "temperature": 0.9, "topk": 50, "max_words": 30}
 # generation.json may also list the speaker ids the model was trained on ({"speakers": {"0": "description", ...}}):
 # with such a list an unknown id is an error, not an untrained voice.
 GENERATION_KEYS = (*DEFAULTS, "speakers")
@@ -226,7 +227,7 @@ class Generator:
         self.model = model.eval().fuse_projections() if fuse else model.eval()
         self.tokenizer = tokenizer
         self.codec = codec
-        self.defaults = dict(DEFAULTS)  # speaker / temperature / topk used when generate() is not given them
+        self.defaults = dict(DEFAULTS)  # used for whatever a call leaves as None
         self.speakers: dict[int, str] | None = None  # id -> description, when the model says which it knows
         self.num_codebooks = model.cfg.audio_num_codebooks
         self.sample_rate = codec.sample_rate if codec is not None else 24_000
@@ -413,7 +414,7 @@ class Generator:
         topk: int | None = None,
         seed: int | None = None,
         *,
-        max_words: int = 30,
+        max_words: int | None = None,
         pause_ms: float = 200,
         chain: bool = True,
         progress: bool = False,
@@ -454,7 +455,7 @@ class Generator:
         seed: int | None = None,
         *,
         chunk_frames: int = 4,
-        max_words: int = 30,
+        max_words: int | None = None,
         pause_ms: float = 200,
         chain: bool = True,
     ) -> Iterator[torch.Tensor]:
@@ -476,7 +477,7 @@ class Generator:
                 spoken = True
                 previous = Segment(spk, line, torch.stack(frames, dim=1)) if chain else None
 
-    def _long_setup(self, text: str, speaker: int | None, context: Sequence[Segment], max_words: int,
+    def _long_setup(self, text: str, speaker: int | None, context: Sequence[Segment], max_words: int | None,
                     pause_ms: float) -> tuple[list[str], int, list[Segment]]:
         """generate_long's checks: (sentences, speaker, context with waveforms encoded once for all sentences)."""
         from .tokenizer import split_sentences
@@ -487,7 +488,8 @@ class Generator:
             raise ValueError(f"pause_ms must be >= 0, got {pause_ms}")
         context = [Segment(c.speaker, c.text, self.encode_audio(c.audio) if c.audio is not None
                            and c.audio.is_floating_point() else c.audio) for c in context]
-        return split_sentences(text, max_words), self.defaults["speaker"] if speaker is None else speaker, context
+        lines = split_sentences(text, self.defaults["max_words"] if max_words is None else max_words)
+        return lines, self.defaults["speaker"] if speaker is None else speaker, context
 
     def _line_request(self, line: str, i: int, speaker: int, context: list[Segment], previous: Segment | None,
                       max_audio_length_ms: float, temperature: float | None, topk: int | None,
@@ -593,9 +595,10 @@ def load_generator(
 
 
 def generation_defaults(source: str | os.PathLike) -> dict:
-    """The sampling defaults a model directory recommends in generation.json ({"speaker", "temperature", "topk"},
-    all optional), e.g. the embedded voice, whose tiny model speaks more clearly with a small top-k; {} if none.
-    "speakers" ({"id": "description"}), if present, comes back as {int id: description}."""
+    """The defaults a model directory recommends in generation.json ({"speaker", "temperature", "topk",
+    "max_words"}, all optional), e.g. the embedded voice, whose tiny model speaks more clearly with a small top-k and
+    learnt from lines of at most 14 words; {} if none. "speakers" ({"id": "description"}), if present, comes back as
+    {int id: description}."""
     import json
 
     from .hub import ModelFilesNotFound, find_files
@@ -611,6 +614,9 @@ def generation_defaults(source: str | os.PathLike) -> dict:
     unknown = set(found) - set(GENERATION_KEYS) if isinstance(found, dict) else {"(not an object)"}
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected some of {sorted(GENERATION_KEYS)}")
+    words = found.get("max_words", 1)
+    if not isinstance(words, int) or isinstance(words, bool) or words < 1:
+        raise ValueError(f'{path}: "max_words" must be a positive integer, got {words!r}')
     if "speakers" in found:
         listed = found["speakers"]
         try:
