@@ -754,6 +754,7 @@ def _generate(args, corpus: list[CorpusClip] | None, timings: dict):
                      topk=args.topk, seed=0)
         timings["warmup_s"] = round(time.perf_counter() - t0, 2)
 
+    words = args.max_words or gen.defaults["max_words"]  # --split: where a long sentence is cut
     items, wavs = [], {}
     t_gen = time.perf_counter()
     rounds = [(r, seed, i, text) for r, seed in enumerate(args.round_seeds) for i, text in enumerate(texts)]
@@ -779,8 +780,8 @@ def _generate(args, corpus: list[CorpusClip] | None, timings: dict):
             t0 = time.perf_counter()
             if args.split:  # as `csm say` speaks it: sentence by sentence, each budgeted on its own words
                 speech = gen.generate_long(text, speaker=spk, context=context, max_audio_length_ms=args.max_ms or
-                                           max(budget(s) for s in split_sentences(text)), temperature=args.temperature,
-                                           topk=args.topk, seed=round_seed + i, max_words=args.max_words)
+                                           max(budget(s) for s in split_sentences(text, words)), temperature=args.temperature,
+                                           topk=args.topk, seed=round_seed + i, max_words=words)
             else:
                 speech = gen.generate(text, speaker=spk, context=context, max_audio_length_ms=budget(text),
                                       temperature=args.temperature, topk=args.topk, seed=round_seed + i)

@@ -77,7 +77,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> TextTokenize
     return TextTokenizer(tok)
 
 
-
 # Words whose trailing period does not end a sentence ("Dr. Smith", "e.g. this").
 _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "st", "sr", "jr", "vs", "etc", "e.g", "i.e", "approx", "no"}
 _SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*$")
