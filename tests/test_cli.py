@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -132,6 +133,11 @@ def test_say_speaks_text_sentence_by_sentence(tiny_ckpt, tmp_path, monkeypatch):
     assert main(args) == 0 and seen == ["Hello there.", "How are you?"]
     seen.clear()
     assert main(args + ["--no-split"]) == 0 and seen == ["Hello there. How are you?"]
+    seen.clear()  # '-' reads the text from stdin
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there.\n\nFine"))
+    assert main(["say", "-", *args[2:]]) == 0 and seen == ["Hello there.", "Fine"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("  \n"))
+    assert main(["say", "-", *args[2:]]) == 2
 
 
 def test_say_does_not_load_the_compiler_stack(tmp_path):

@@ -18,6 +18,11 @@ def _say(args: argparse.Namespace) -> int:
 
     from .generate import load_generator
 
+    if args.text == "-":  # the text from stdin: a paragraph or a whole file
+        args.text = sys.stdin.read()
+    if not args.text.strip():
+        print("csm say: error: text to speak is empty", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -98,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     say = sub.add_parser("say", help="speak TEXT and write a wav (or Mimi codes as .npy without a codec)")
-    say.add_argument("text")
+    say.add_argument("text", help="what to say; '-' reads it from stdin")
     say.add_argument("-o", "--output", default="out.wav", help="output .wav (or .npy for raw codes)")
     say.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the embedded voice)")
     say.add_argument("--codec", default=None, help="Mimi weights (directory/hub id); default: from --model; 'none'")
