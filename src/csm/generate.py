@@ -422,8 +422,8 @@ class Generator:
         """Speak text of any length, one sentence at a time (`tokenizer.split_sentences`).
 
         Each sentence is a line of its own (`max_audio_length_ms` is its budget, `seed + i` its seed). With `chain`,
-        its context is the given context plus the sentence before it, as text and the codes just generated, so the
-        voice carries on from itself; that sentence is left out when it would not fit the model's context. The
+        its context is the given context plus the sentence before it, as text and the codes just generated (the
+        conversation so far, as CSM is meant to be run); that sentence is left out when it would not fit. The
         sentences' audio is joined with `pause_ms` of silence; `codes` is their frames back to back."""
         from tqdm import tqdm
 
