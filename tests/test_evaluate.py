@@ -340,6 +340,10 @@ def test_generation_mode_end_to_end(tmp_path, monkeypatch):
         args = p.parse_args(["eval", "--model", "unused", "--texts", str(tmp_path / "para.txt"), "--no-wer",
                              "--no-speaker", "--max-ms", "400", "--warmup", "0", *split])
         assert args.func(args) == 0 and spoken == lines
+    spoken.clear()  # --max-words cuts the sentences further
+    args = p.parse_args(["eval", "--model", "unused", "--texts", str(tmp_path / "para.txt"), "--no-wer", "--no-speaker",
+                         "--max-ms", "400", "--warmup", "0", "--split", "--max-words", "2"])
+    assert args.func(args) == 0 and spoken == ["Hello there.", "How are", "you today?"]
 
 
 def test_missing_evaluators_name_the_pip_command(monkeypatch):
