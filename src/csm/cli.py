@@ -18,11 +18,8 @@ def _say(args: argparse.Namespace) -> int:
 
     from .generate import load_generator
 
-    if args.text == "-":  # the text from stdin: a paragraph or a whole file
+    if args.text == "-":  # the text from stdin: a paragraph or a whole file (the generator rejects empty text)
         args.text = sys.stdin.read()
-    if not args.text.strip():
-        print("csm say: error: text to speak is empty", file=sys.stderr)
-        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -45,6 +45,11 @@ class Codec(Protocol):
     def decode_stream(self, batch_size: int = 1): ...  # object with .decode(codes [B, K, n]) -> [B, 1, n * hop]
 
 
+def _check_text(text: str) -> None:
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("text to speak is empty")
+
+
 class ContextTooLongError(ValueError):
     """The conversation plus the generation budget does not fit the backbone's context."""
 
@@ -264,19 +269,21 @@ class Generator:
 
     def prompt_frames(self, text: str, speaker: int, context: Sequence[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
         """The frames the backbone reads before speaking: every context segment, then the line's text."""
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError("text to speak is empty")
+        _check_text(text)
         self._check_speaker(speaker, "speaker")
-        segments = []
         for seg in context:
             self._check_speaker(seg.speaker, "context speaker")
-            audio = seg.audio
-            if audio is not None and audio.is_floating_point():
-                audio = self.encode_audio(audio)
-            segments.append(Segment(seg.speaker, seg.text, audio))
+        segments = [self._encoded(seg) for seg in context]
         ctx_tokens, ctx_mask = conversation_frames(self.tokenizer, segments, self.num_codebooks)
         tokens, mask = text_frames(self.tokenizer, text, speaker, self.num_codebooks)
         return torch.cat([ctx_tokens, tokens]), torch.cat([ctx_mask, mask])
+
+    def _encoded(self, segment: Segment) -> Segment:
+        """The segment with a waveform replaced by its codes (codes and audio-less segments as they are)."""
+        audio = segment.audio
+        if audio is None or not audio.is_floating_point():
+            return segment
+        return Segment(segment.speaker, segment.text, self.encode_audio(audio))
 
     def _check_speaker(self, speaker: int, what: str) -> None:
         if not isinstance(speaker, int) or isinstance(speaker, bool) or speaker < 0:
@@ -482,12 +489,10 @@ class Generator:
         """generate_long's checks: (sentences, speaker, context with waveforms encoded once for all sentences)."""
         from .tokenizer import split_sentences
 
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError("text to speak is empty")
+        _check_text(text)
         if pause_ms < 0:
             raise ValueError(f"pause_ms must be >= 0, got {pause_ms}")
-        context = [Segment(c.speaker, c.text, self.encode_audio(c.audio) if c.audio is not None
-                           and c.audio.is_floating_point() else c.audio) for c in context]
+        context = [self._encoded(c) for c in context]
         lines = split_sentences(text, self.defaults["max_words"] if max_words is None else max_words)
         return lines, self.defaults["speaker"] if speaker is None else speaker, context
 
@@ -521,10 +526,11 @@ class Generator:
     def stream(self, request: Request, chunk_frames: int = 4) -> Iterator[torch.Tensor]:
         """Yield audio chunks [T] (float, codec sample rate) as frames are produced: every `chunk_frames` frames,
         decoded by the codec's streaming decoder, so the concatenation equals the one-shot decode."""
-        yield from self._stream(request, chunk_frames, [])
+        yield from self._stream(request, chunk_frames)
 
-    def _stream(self, request: Request, chunk_frames: int, frames: list[torch.Tensor]) -> Iterator[torch.Tensor]:
-        """stream(), also appending the line's frames [K] to `frames` as they come."""
+    def _stream(self, request: Request, chunk_frames: int,
+                frames: list[torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
+        """stream(), also appending the line's frames [K] (on the CPU) to `frames` when given."""
         if self.codec is None:
             raise ValueError("streaming audio needs a codec")
         if chunk_frames < 1:
@@ -535,7 +541,8 @@ class Generator:
             if not bool(active[0]):
                 break
             pending.append(step[0])
-            frames.append(step[0].cpu())
+            if frames is not None:
+                frames.append(step[0].cpu())
             if len(pending) == chunk_frames:
                 yield self._stream_chunk(decoder, pending)
                 pending = []
