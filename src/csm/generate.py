@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from .frames import Segment, conversation_frames, text_frames
 from .model import CSM, causal_mask
-from .tokenizer import TextTokenizer
+from .tokenizer import TextTokenizer, split_sentences
 
 FRAME_MS = 80  # Mimi: 12.5 frames per second
 # Sampling defaults (Sesame's), and the longest line generate_long speaks in one piece (ours: ~10 s of speech, the
@@ -487,8 +487,6 @@ class Generator:
     def _long_setup(self, text: str, speaker: int | None, context: Sequence[Segment], max_words: int | None,
                     pause_ms: float) -> tuple[list[str], int, list[Segment]]:
         """generate_long's checks: (sentences, speaker, context with waveforms encoded once for all sentences)."""
-        from .tokenizer import split_sentences
-
         _check_text(text)
         if pause_ms < 0:
             raise ValueError(f"pause_ms must be >= 0, got {pause_ms}")
