@@ -19,14 +19,17 @@ from pathlib import Path
 
 
 def _index(prepared: Path) -> list[dict]:
-    return [json.loads(line) for line in (prepared / "index.jsonl").read_text().splitlines() if line.strip()]
+    """Rows of a prepared corpus's index.jsonl, or of a .jsonl manifest named directly (both have `text`)."""
+    path = prepared if prepared.is_file() else prepared / "index.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("prepared")
     p.add_argument("out")
-    p.add_argument("--unseen-in", default="", help="comma-separated prepared corpora whose sentences eval must avoid")
+    p.add_argument("--unseen-in", default="",
+                   help="comma-separated prepared corpora (or .jsonl manifests) whose sentences eval must avoid")
     p.add_argument("--eval", type=int, default=150, help="conversations to hold out (at most; fewer if not enough)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()

@@ -527,3 +527,82 @@ def test_package_voice_script(prepared, micro_config, tmp_path):
     card = (out / "MODEL_CARD.md").read_text()
     assert "On 3 held-out sentences, each generated with 2 seeds (0, 100; WER per seed 40.0 / 60.0 %), pooled: " \
            "WER 50.0 %" in card
+
+
+def test_split_prepared_reads_manifests_for_unseen_in(prepared, tmp_path):
+    """--unseen-in also takes a manifest: only its `text` fields matter (the voice round's first corpus has none
+    of its codes made)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    manifest = tmp_path / "seen.jsonl"
+    _manifest(manifest, [{"audio": "x.wav", "text": u["text"]} for u in map(json.loads, (prepared / "index.jsonl")
+                                                                           .read_text().splitlines())])
+    script = Path(__file__).parent.parent / "scripts" / "split_prepared.py"
+    subprocess.run([sys.executable, str(script), str(prepared), str(tmp_path / "s"), "--unseen-in", str(manifest)],
+                   check=True, capture_output=True)
+    assert (tmp_path / "s" / "eval" / "index.jsonl").read_text() == ""
+
+
+def test_voice_round_train_and_unpack(prepared, micro_config, tmp_path):
+    """scripts/voice_round.py: a bundle staged as `bundle` stages it (codes split into train / eval with relative
+    links, Ogg Opus clips) goes through `train` (both runs side by side, two steps each) and `unpack` into
+    checkpoints that load, with what the model card needs beside them."""
+    import importlib.util
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    import soundfile as sf
+
+    from csm.mimi import Mimi, load_mimi, preset, save_mimi
+
+    scripts = Path(__file__).parent.parent / "scripts"
+    spec = importlib.util.spec_from_file_location("voice_round", scripts / "voice_round.py")
+    vr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vr)
+
+    subprocess.run([sys.executable, str(scripts / "split_prepared.py"), str(prepared), str(tmp_path / "split"),
+                    "--eval", "2"], check=True, capture_output=True)
+    stage, bundle = tmp_path / "stage", tmp_path / "bundle"
+    vr.stage_prepared(prepared, stage / "s2", {x: tmp_path / "split" / x for x in ("train", "eval")})
+    vr.stage_prepared(prepared, stage / "splice")
+    assert (stage / "s2" / "train" / "shard-00000.safetensors").resolve() == stage / "s2" / "shard-00000.safetensors"
+    assert "audio" not in (stage / "splice" / "index.jsonl").read_text()  # absolute paths stay behind
+    bundle.mkdir()
+    with tarfile.open(bundle / "csm.tar.xz", "w:xz") as tar:
+        tar.add(stage, arcname="data")
+    rng = np.random.default_rng(0)
+    for i in range(3):  # 24 kHz clips (Opus takes no other rate of ours)
+        sf.write(str(tmp_path / f"clip{i}.wav"), (0.1 * rng.standard_normal(24_000)).astype(np.float32), 24_000)
+    _manifest(tmp_path / "clips.jsonl", [{"audio": f"clip{i}.wav"} for i in range(3)])
+    n, seconds = vr.opus_clips([tmp_path / "clips.jsonl"], bundle / "clips", budget=10**6, seed=0)
+    assert n == 3 and seconds == pytest.approx(3.0)
+    assert vr.opus_clips([tmp_path / "clips.jsonl"], tmp_path / "few", budget=1, seed=0) == (0, 0.0)
+    (bundle / "wheels").mkdir()
+    (bundle / "bundle.json").write_text(json.dumps({"splice_seed": 8}))
+
+    train(_cfg(prepared, tmp_path / "run", model_config=micro_config, steps=2))
+    codec = save_mimi(Mimi(preset("tiny")), tmp_path / "codec")
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(scripts / "voice_round.py"), "train", str(bundle), str(out), "--minutes", "5",
+                    "--init", str(tmp_path / "run" / "step-000002"), "--codec-init", str(codec), "--work",
+                    str(tmp_path / "work"), "--csm-args", "--seq-len 128 --batch-size 2 --steps 2 --device cpu "
+                    "--eval-every 1 --eval-batches 1", "--codec-args", "--decoder-only --batch-size 2 "
+                    "--segment-frames 20 --steps 2 --eval-clips 1 --threads 1 --no-progress --device cpu"],
+                   check=True, capture_output=True)
+    assert {p.name for p in out.iterdir()} == {"csm.safetensors", "codec.safetensors", "meta.tar"}  # micro: 1 part
+
+    subprocess.run([sys.executable, str(scripts / "voice_round.py"), "unpack", str(out), str(tmp_path / "round")],
+                   check=True, capture_output=True)
+    step = tmp_path / "round" / "csm" / "step-000002"
+    model, _ = load_checkpoint(step)
+    trained, _ = load_checkpoint(tmp_path / "work" / "csm" / "step-000002")
+    for (name, a), b in zip(model.state_dict().items(), trained.state_dict().values()):
+        torch.testing.assert_close(a, b.half().float(), msg=name)  # returned in float16
+    assert {"tokenizer.json", "generation.json", "train_state.pt"} <= {p.name for p in step.iterdir()}
+    assert "optimizer" not in torch.load(step / "train_state.pt", weights_only=True)
+    assert "eval_loss" in (step.parent / "log.jsonl").read_text()
+    load_mimi(tmp_path / "round" / "codec" / "step-000002")
