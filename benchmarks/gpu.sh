@@ -6,14 +6,19 @@
 # 2. the CUDA tests (graph and compile engines == eager, streaming, parity with transformers on the GPU);
 # 3. `csm bench --engine compile` (Inductor-fused steps inside one CUDA graph; compiling takes a few minutes);
 # 4. benchmarks/profile_step.py: the compiled frame's kernels, in bf16 and with int8 weight-only linears.
+# 5. (only when named) "variants": profile_step.py once per line of $VARIANTS, the engine changes that wait for a
+#    GPU (docs/speed.md, "Made since"), then benchmarks/gemv_forms.py; one after another, so that their rows
+#    compare.
 # Logs and JSON go to OUT_DIR; each stage has its own time cap, so one failure does not hide the others.
-# STAGES="bench tests compile profile" (the default) picks stages.
+# STAGES="bench tests compile profile" (the default) picks stages; the next GPU session's engine call is
+#   STAGES="tests variants" bash benchmarks/gpu.sh $OUT          (~7 min)
 set -u
 stages=" ${STAGES:-bench tests compile profile} "
 out=${1:-gpu-results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
+$py -c "import csm" 2>/dev/null || export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # a bare GPU machine
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$out/gpu.txt"
 $py -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
     | tee -a "$out/gpu.txt"
@@ -28,5 +33,22 @@ if [[ $stages == *" profile "* ]]; then
         timeout "${PROFILE_TIMEOUT:-150}" $py benchmarks/profile_step.py --engine compile $q --json "$out/$name.json" \
             2>&1 | grep -v USDT | tee "$out/$name.log"
     done
+fi
+if [[ $stages == *" variants "* ]]; then
+    variants=${VARIANTS:-"--gemv inductor
+--gemv inductor --gemv-chunk 1024
+--quantize int8
+--quantize int8 --gemv-chunk 1024"}
+    i=0
+    while IFS= read -r flags; do
+        [[ -z $flags ]] && continue
+        i=$((i + 1))
+        echo "+ variant $i: $flags" | tee -a "$out/variants.txt"
+        timeout "${PROFILE_TIMEOUT:-150}" $py benchmarks/profile_step.py --engine compile --profile-frames 3 $flags \
+            --json "$out/variant$i.json" 2>&1 | grep -v USDT | tee "$out/variant$i.log" | grep -E "ms/frame|kernels" \
+            | tee -a "$out/variants.txt"
+    done <<< "$variants"
+    timeout "${PROFILE_TIMEOUT:-150}" $py benchmarks/gemv_forms.py --json "$out/gemv_forms.json" 2>&1 \
+        | tee "$out/gemv_forms.log"
 fi
 echo "gpu.sh done"
