@@ -63,6 +63,9 @@ def test_say_reports_bad_context(tiny_ckpt, tmp_path):
     res = run(sys.executable, "-m", "csm.cli", "say", "Hi", "--model", str(tiny_ckpt), "--context", f"1:Hello:{bad}",
               check=False)
     assert res.returncode == 2 and "bad.wav: not a readable audio file" in res.stderr and "Traceback" not in res.stderr
+    res = run(sys.executable, "-m", "csm.cli", "say", "Hi", "--model", str(tiny_ckpt), "--context", str(bad),
+              check=False)  # the speaker and text left out
+    assert res.returncode == 2 and "csm say: error: --context expects SPEAKER:TEXT:AUDIO_PATH" in res.stderr
 
 
 def test_say_without_a_codec_writes_codes(tmp_path):

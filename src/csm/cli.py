@@ -85,7 +85,7 @@ def _context_segment(gen, spec: str):
         speaker, text, path = spec.split(":", 2)
         speaker = int(speaker)
     except ValueError:
-        raise SystemExit(f"--context expects SPEAKER:TEXT:AUDIO_PATH, got {spec!r}") from None
+        raise ValueError(f"--context expects SPEAKER:TEXT:AUDIO_PATH, got {spec!r}") from None
     if path.endswith(".npy"):
         audio = torch.from_numpy(np.load(path, allow_pickle=False)).long()
     else:
