@@ -19,6 +19,7 @@ import torch
 
 from csm.checkpoints import load_checkpoint, save_checkpoint
 from csm.generate import generation_defaults
+from csm.tokenizer import spoken_words
 from csm.mimi import load_mimi
 from csm.mimi.weights import save_mimi
 
@@ -49,6 +50,18 @@ def corpus_speakers(corpora: list[tuple[Path, dict]]) -> dict[str, str]:
         for i in meta.get("speakers", range(len(voices))):
             speakers[str(i)] = voices[i].get("description", voices[i].get("name", "")) if i < len(voices) else ""
     return dict(sorted(speakers.items(), key=lambda kv: int(kv[0])))
+
+
+def corpus_vocabulary(corpora: list[tuple[Path, dict]]) -> list[str]:
+    """Every word of the corpora's training lines, sorted: the voice's vocabulary.txt."""
+    words: set[str] = set()
+    for path, _ in corpora:
+        manifest = path / "manifest.jsonl"
+        if manifest.is_file():
+            for line in manifest.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    words.update(spoken_words(json.loads(line)["text"]))
+    return sorted(words)
 
 
 def _fits_float16(model: torch.nn.Module, what: str) -> None:
@@ -83,6 +96,10 @@ def card(args, model, codec, out: Path, corpora: list[tuple[Path, dict]]) -> str
                      + (f", {n_utt} utterances" if n_utt else "")
                      + (f", {corpus['splice']:.0%} of its lines spliced from two grammar lines" if corpus.get("splice") else "")
                      + ".")
+    vocabulary = out / "vocabulary.txt"
+    if vocabulary.is_file():
+        lines += ["", f"Vocabulary: the {len(vocabulary.read_text().split())} words of these lines (`vocabulary.txt`; "
+                      "`csm say` warns about any other word, which the voice mumbles)."]
     if corpora:
         lines += ["", "Speakers (`csm say --speaker N`; other ids are refused):"]
         lines += [f"- {i}: {d}" for i, d in corpus_speakers(corpora).items()]
@@ -163,6 +180,9 @@ def main() -> None:
     if generation:
         (out / "generation.json").write_text(json.dumps(generation) + "\n")
         generation_defaults(out)  # checks the keys
+    vocabulary = corpus_vocabulary(corpora)
+    if vocabulary:  # so that `csm say` can warn about words the voice never heard
+        (out / "vocabulary.txt").write_text("".join(w + "\n" for w in vocabulary))
     (out / "MODEL_CARD.md").write_text(card(args, model, codec, out, corpora))
     print(f"wrote {out} ({_mb(out):.1f} MB)")
 

@@ -504,6 +504,8 @@ def test_package_voice_script(prepared, micro_config, tmp_path):
     corpus.mkdir()
     voices = [{"name": n, "description": f"{n} voice"} for n in ("a", "b", "c")]
     (corpus / "corpus.json").write_text(json.dumps({"seed": 1, "speakers": [0, 2], "voices": voices}))
+    _manifest(corpus / "manifest.jsonl", [{"audio": "a.wav", "text": "It's five o'clock, Maya!"},
+                                          {"audio": "b.wav", "text": "Five more, please."}])
     script = Path(__file__).parent.parent / "scripts" / "package_voice.py"
     out = tmp_path / "voice"
     subprocess.run([sys.executable, str(script), "--model", str(tmp_path / "run" / "step-000002"), "--codec",
@@ -512,6 +514,8 @@ def test_package_voice_script(prepared, micro_config, tmp_path):
     assert json.loads((out / "generation.json").read_text()) == {"topk": 5, "speakers": {"0": "a voice",
                                                                                           "2": "c voice"}}
     assert "- 2: c voice" in (out / "MODEL_CARD.md").read_text()
+    assert (out / "vocabulary.txt").read_text().split() == ["five", "it's", "maya", "more", "o'clock", "please"]
+    assert "Vocabulary: the 6 words of these lines" in (out / "MODEL_CARD.md").read_text()
     assert {p.name for p in out.iterdir()} >= {"model.safetensors", "config.json", "tokenizer.json", "codec",
                                                "generation.json", "MODEL_CARD.md"}
     model, _ = load_checkpoint(out)

@@ -27,6 +27,11 @@ def _say(args: argparse.Namespace) -> int:
     gen = load_generator(args.model, device=device, codec=_load_codec(args, device), quantize=args.quantize,
                          engine=args.engine, gemv=args.gemv)
     context = [_context_segment(gen, spec) for spec in args.context or []]
+    unknown = gen.unknown_words(args.text)
+    if unknown:
+        print(f"csm say: warning: the model never heard {len(unknown)} of these words in training, so it will mumble "
+              f"them: {', '.join(unknown[:10])}{', ...' if len(unknown) > 10 else ''} (it knows "
+              f"{len(gen.vocabulary)} words, listed in its vocabulary.txt)", file=sys.stderr)
     t1 = time.perf_counter()
     kwargs = dict(speaker=args.speaker, context=context, max_audio_length_ms=args.max_ms,
                   temperature=args.temperature, topk=args.topk, seed=args.seed)

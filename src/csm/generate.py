@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from .frames import Segment, conversation_frames, text_frames
 from .model import CSM, causal_mask
-from .tokenizer import TextTokenizer, spell_numbers, split_sentences
+from .tokenizer import TextTokenizer, spell_numbers, split_sentences, spoken_words
 
 FRAME_MS = 80  # Mimi: 12.5 frames per second
 # Sampling defaults (Sesame's), and the longest line generate_long speaks in one piece (ours: ~10 s of speech, the
@@ -234,6 +234,7 @@ class Generator:
         self.codec = codec
         self.defaults = dict(DEFAULTS)  # used for whatever a call leaves as None
         self.speakers: dict[int, str] | None = None  # id -> description, when the model says which it knows
+        self.vocabulary: frozenset[str] | None = None  # the words it learnt, when its directory lists them
         self.num_codebooks = model.cfg.audio_num_codebooks
         self.sample_rate = codec.sample_rate if codec is not None else 24_000
         self.engine = engine or ("graph" if self.device.type == "cuda" else "eager")
@@ -524,6 +525,13 @@ class Generator:
                        d["temperature"] if temperature is None else temperature, d["topk"] if topk is None else topk,
                        seed)
 
+    def unknown_words(self, text: str) -> list[str]:
+        """Words of `text` (as the model reads it) that the model's vocabulary.txt does not list, in order; [] when
+        the model lists none. A small voice mumbles words it never heard; CSM-1B lists none."""
+        if self.vocabulary is None:
+            return []
+        return [w for w in dict.fromkeys(spoken_words(self._spoken(text))) if w not in self.vocabulary]
+
     def _spoken(self, text: str) -> str:
         """Text as this model is given it: numbers spelt out when its generation.json asks (a voice that learnt them
         only as words)."""
@@ -604,7 +612,19 @@ def load_generator(
     found = generation_defaults(source)
     gen.speakers = found.pop("speakers", None)
     gen.defaults.update(found)
+    gen.vocabulary = model_vocabulary(source)
     return gen
+
+
+def model_vocabulary(source: str | os.PathLike) -> frozenset[str] | None:
+    """The words listed in a model directory's vocabulary.txt (one per line), or None without one."""
+    from .hub import ModelFilesNotFound, find_files
+
+    try:
+        path = find_files(source, ["vocabulary.txt"])
+    except ModelFilesNotFound:
+        return None
+    return frozenset(w for line in path.read_text(encoding="utf-8").splitlines() for w in spoken_words(line))
 
 
 def generation_defaults(source: str | os.PathLike) -> dict:

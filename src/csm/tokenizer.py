@@ -137,6 +137,12 @@ def _cut(words: list[str], max_words: int) -> list[list[str]]:
     return chunks
 
 
+def spoken_words(text: str) -> list[str]:
+    """The words of a text, lowercased, without punctuation ("It's 5 o'clock!" -> ["it's", "o'clock"]): what a
+    voice's vocabulary.txt lists and `Generator.unknown_words` checks."""
+    return re.findall(r"[a-z]+(?:'[a-z]+)*", text.lower().replace("\u2019", "'"))
+
+
 # --- numbers as words -----------------------------------------------------------------------------------------------
 # One implementation for both sides of the WER: `csm eval` reads references and transcripts through spell_numbers
 # (transcript=True), and a voice whose generation.json sets "spell_numbers" speaks text through it.
