@@ -62,7 +62,7 @@ def dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
 
 
-# --- bundle (here) ----------------------------------------------------------------------------------------------------
+# --- bundle (here) --------------------------------------------------------------------------------------------------
 
 
 def make_corpus(out: Path, seed: int, num: int, jobs: int, *extra: str) -> None:
@@ -174,7 +174,7 @@ def bundle(args: argparse.Namespace) -> None:
           f"for the codec; with the repository {total / 2**20:.1f} of 64 MiB; {(time.time() - t0) / 60:.0f} min")
 
 
-# --- train (on the GPU machine) ----------------------------------------------------------------------------------------
+# --- train (on the GPU machine) -------------------------------------------------------------------------------------
 
 
 def ensure_soundfile(wheels: Path, env: dict) -> None:
@@ -268,7 +268,8 @@ def train(args: argparse.Namespace) -> None:
                 for f in ("config.json", "tokenizer.json"):
                     if (step / f).is_file():
                         tar.add(step / f, arcname=f"{name}/{f}")
-                tar.add(slim_state(step / "train_state.pt", work / f"{name}.state.pt"), arcname=f"{name}/train_state.pt")
+                state = slim_state(step / "train_state.pt", work / f"{name}.state.pt")
+                tar.add(state, arcname=f"{name}/train_state.pt")
                 float16_parts(step / "model.safetensors", out, name)
         for f in bundle_dir.glob("*.corpus.json"):
             tar.add(f, arcname=f"corpora/{f.name}")
@@ -304,8 +305,9 @@ def unpack(args: argparse.Namespace) -> None:
     print(json.dumps(meta["commands"], indent=1))
     if "csm_step" in meta and "codec_step" in meta:
         model, codec = out / "csm" / meta["csm_step"], out / "codec" / meta["codec_step"]
-        print(f"next (docs/voice.md step 6):\n  csm eval --model {model} --codec {codec} --corpus CORPUS1/manifest.jsonl "
-              f"--num 20 --threads 2 --repeats 3 --json {out}/eval.json   # and again with --seed 300")
+        print(f"next (docs/voice.md step 6):\n  csm eval --model {model} --codec {codec} "
+              f"--corpus CORPUS1/manifest.jsonl --num 20 --threads 2 --repeats 3 --json {out}/eval.json"
+              "   # and again with --seed 300")
 
 
 def main() -> None:

@@ -99,7 +99,7 @@ def number_readings(digits: str) -> list[str]:
         readings.append(digit_words(digits))
     if len(digits) in (3, 4) and digits[0] != "0":
         head, tail = int(digits[:-2]), int(digits[-2:])
-        tail_words = "hundred" if tail == 0 else (f"oh {number_to_words(tail)}" if tail < 10 else number_to_words(tail))
+        tail_words = "hundred" if tail == 0 else ("oh " if tail < 10 else "") + number_to_words(tail)
         readings.append(f"{number_to_words(head)} {tail_words}")
         if tail == 0:
             readings.append(number_to_words(head))  # "7 00" said "seven"

@@ -629,8 +629,8 @@ def model_vocabulary(source: str | os.PathLike) -> frozenset[str] | None:
 
 def generation_defaults(source: str | os.PathLike) -> dict:
     """The defaults a model directory recommends in generation.json ({"speaker", "temperature", "topk",
-    "max_words", "spell_numbers"}, all optional), e.g. the embedded voice, whose tiny model speaks more clearly with a small top-k and
-    learnt from lines of at most 14 words; {} if none. "speakers" ({"id": "description"}), if present, comes back as
+    "max_words", "spell_numbers"}, all optional), e.g. the embedded voice, whose tiny model speaks more clearly with a
+    small top-k, learnt from lines of at most 14 words and never saw a digit; {} if none. "speakers" ({"id": "description"}), if present, comes back as
     {int id: description}."""
     import json
 

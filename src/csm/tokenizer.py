@@ -231,7 +231,7 @@ def spell_numbers(text: str, *, keep_digits: bool = False, transcript: bool = Fa
     else:
         t = re.sub(r"\b(\d{1,2}):(\d{2})\b", lambda m: _time_words(m, oclock=True), t)
     if not transcript:  # 2.0.1 -> two point zero point one
-        t = re.sub(r"\b\d+(?:\.\d+){2,}\b", lambda m: " point ".join(_integer_words(d) for d in m.group().split(".")), t)
+        t = re.sub(r"\b\d+(?:\.\d+){2,}\b", lambda m: " point ".join(map(_integer_words, m.group().split("."))), t)
     t = re.sub(r"\b(\d+)\.(\d+)\b", lambda m: number_to_words(int(m.group(1))) + " point " + digit_words(m.group(2)), t)
     t = re.sub(r"\b(\d+)(st|nd|rd|th)\b", lambda m: ordinal_words(int(m.group(1))), t)
     if transcript:
