@@ -121,8 +121,13 @@ def _train(args: argparse.Namespace) -> int:
     try:
         train(cfg)
     finally:
+        import gc
+
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
+            # The DDP/FSDP wrapper holds the process group; left to interpreter shutdown, the two are torn down in
+            # any order, and gloo's threads then abort the process after a finished run.
+            gc.collect()
             dist.destroy_process_group()
     return 0
