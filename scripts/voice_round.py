@@ -4,7 +4,7 @@
 The GPU machine gets the working tree plus at most 64 MiB in all (the repository itself is ~37 MB), has none of
 our data and no internet, and gives back at most 8 files of at most 16 MB. So a round has three halves:
 
-    python scripts/voice_round.py bundle .gpu/bundle                 # here, on the CPU: ~50 min on 2 cores
+    python scripts/voice_round.py bundle .gpu/bundle                 # here, on the CPU: ~1 hour on 2 cores
     python3 scripts/voice_round.py train .gpu/bundle $OUT --minutes 4    # on the GPU machine (carry .gpu/bundle)
     python scripts/voice_round.py unpack FILES_DIR runs/round           # here: what came back -> checkpoints
 
