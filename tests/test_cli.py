@@ -56,6 +56,29 @@ def test_say_warns_about_words_the_model_never_heard(tiny_ckpt, tmp_path):
     assert "warning" not in run(sys.executable, *args, "--model", str(tiny_ckpt)).stderr
 
 
+def test_say_dialogue(tiny_ckpt, tmp_path):
+    """--dialogue FILE: one 'SPEAKER: text' turn per line (comments and blank lines skipped), spoken in order, each
+    in the context of the turns before it; a bad line is named by its number."""
+    from csm.cli import parse_dialogue
+
+    script = "# two people\n0: Hello there.\n\n1: How are you? Fine: thanks.\n"
+    assert parse_dialogue(script) == [(0, "Hello there."), (1, "How are you? Fine: thanks.")]
+    (tmp_path / "d.txt").write_text(script)
+    out = tmp_path / "d.npy"
+    res = run(sys.executable, "-m", "csm.cli", "say", "--dialogue", str(tmp_path / "d.txt"), "--model",
+              str(tiny_ckpt), "-o", str(out), "--max-ms", "160", "--seed", "0", "--codec", "none")
+    assert res.stdout.strip() == str(out) and np.load(out).shape[0] == 32
+    for bad, why in [("0: hi\nnobody speaks", "dialogue line 2"), ("x: hi", "dialogue line 1"), ("# none", "no turns")]:
+        (tmp_path / "bad.txt").write_text(bad)
+        res = run(sys.executable, "-m", "csm.cli", "say", "--dialogue", str(tmp_path / "bad.txt"), "--model",
+                  str(tiny_ckpt), "--codec", "none", check=False)
+        assert res.returncode == 2 and why in res.stderr, res.stderr
+    for extra in (["Hi."], ["--speaker", "1"]):
+        res = run(sys.executable, "-m", "csm.cli", "say", *extra, "--dialogue", str(tmp_path / "d.txt"), "--model",
+                  str(tiny_ckpt), "--codec", "none", check=False)
+        assert res.returncode == 2 and "csm say: error:" in res.stderr
+
+
 def test_say_writes_a_wav_with_the_codec_beside_the_model(tiny_ckpt, tmp_path):
     import soundfile as sf
 

@@ -9,7 +9,7 @@ import torch
 
 from csm.config import get_config
 from csm.frames import Segment, audio_frames, text_frames
-from csm.generate import ContextTooLongError, Generator, sample_topk
+from csm.generate import ContextTooLongError, Generator, Speech, sample_topk
 from csm.model import CSM
 from csm.tokenizer import train_tokenizer
 
@@ -394,6 +394,41 @@ def test_generate_long_leaves_out_a_previous_sentence_that_does_not_fit(gen):
     assert first.shape[1] > 10 and torch.equal(speech.codes, torch.cat([first, second], dim=1))
     with pytest.raises(ContextTooLongError):
         gen.generate_long("hello", 0, context=ctx, max_audio_length_ms=10_000)
+
+
+def test_generate_dialogue_speaks_each_turn_in_the_context_of_the_last(gen):
+    """Turn i is generate_long(text, speaker, context + the earlier turns as spoken, seed + 1000 i); the oldest
+    turns are left out when they do not fit; the turns are joined like sentences."""
+    kw = dict(max_audio_length_ms=240, topk=1)
+    ctx = [Segment(1, "fine thanks", torch.randint(0, 2048, (32, 3), generator=torch.Generator().manual_seed(1)))]
+    speech = gen.generate_dialogue([(0, "hello there."), (1, "how are you?"), (None, "fine thanks.")], ctx, seed=5,
+                                   **kw)
+    a = gen.generate_long("hello there.", 0, ctx, seed=5, **kw).codes
+    b = gen.generate_long("how are you?", 1, [*ctx, Segment(0, "hello there.", a)], seed=1005, **kw).codes
+    c = gen.generate_long("fine thanks.", 0, [*ctx, Segment(0, "hello there.", a), Segment(1, "how are you?", b)],
+                          seed=2005, **kw).codes
+    assert a.shape[1] > 0 and b.shape[1] > 0 and c.shape[1] > 0
+    assert torch.equal(speech.codes, torch.cat([a, b, c], dim=1))
+    alone = gen.generate_long("fine thanks.", 0, ctx, seed=2005, **kw).codes
+    assert not torch.equal(alone, c)  # the history matters, so the test can fail
+
+    # A budget that leaves room for one earlier turn of 100 frames but not two: turn 3 hears turn 2 only.
+    long = dict(max_audio_length_ms=80 * 300, topk=1)
+    turns = [(0, "hello there."), (1, "how are you?"), (0, "fine thanks.")]
+    seen = []
+    real = Generator.generate_long
+    gen.generate_long = lambda text, speaker, context, *a, **k: (
+        seen.append([s.text for s in context]), Speech(torch.zeros(32, 100, dtype=torch.long), None, 24_000))[1]
+    try:
+        gen.generate_dialogue(turns, seed=0, **long)
+    finally:
+        del gen.generate_long
+    assert real is Generator.generate_long
+    assert seen == [[], ["hello there."], ["how are you?"]]
+    with pytest.raises(ValueError, match="no turns"):
+        gen.generate_dialogue([])
+    with pytest.raises(ValueError, match="empty"):
+        gen.generate_dialogue([(0, "hi."), (1, " ")], **kw)
 
 
 def test_spell_numbers_is_the_voices_choice(tokenizer, tmp_path):

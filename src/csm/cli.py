@@ -18,7 +18,15 @@ def _say(args: argparse.Namespace) -> int:
 
     from .generate import load_generator
 
-    if args.text == "-":  # the text from stdin: a paragraph or a whole file (the generator rejects empty text)
+    if (args.text is None) == (args.dialogue is None):
+        raise ValueError("give either TEXT or --dialogue FILE")
+    turns = None
+    if args.dialogue is not None and (args.speaker is not None or args.no_split):
+        raise ValueError("--speaker and --no-split do not apply to --dialogue (each line names its speaker)")
+    if args.dialogue is not None:
+        turns = parse_dialogue(sys.stdin.read() if args.dialogue == "-" else Path(args.dialogue).read_text())
+        args.text = " ".join(text for _, text in turns)  # for the vocabulary check
+    elif args.text == "-":  # the text from stdin: a paragraph or a whole file (the generator rejects empty text)
         args.text = sys.stdin.read()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -33,9 +41,14 @@ def _say(args: argparse.Namespace) -> int:
               f"them: {', '.join(unknown[:10])}{', ...' if len(unknown) > 10 else ''} (it knows "
               f"{len(gen.vocabulary)} words, listed in its vocabulary.txt)", file=sys.stderr)
     t1 = time.perf_counter()
-    kwargs = dict(speaker=args.speaker, context=context, max_audio_length_ms=args.max_ms,
-                  temperature=args.temperature, topk=args.topk, seed=args.seed)
-    if args.no_split:
+    kwargs = dict(context=context, max_audio_length_ms=args.max_ms, temperature=args.temperature, topk=args.topk,
+                  seed=args.seed)
+    if turns is None:
+        kwargs["speaker"] = args.speaker
+    if turns is not None:
+        speech = gen.generate_dialogue(turns, **kwargs, max_words=args.max_words, pause_ms=args.pause_ms,
+                                       progress=True)
+    elif args.no_split:
         speech = gen.generate(args.text, **kwargs)
     else:  # one sentence at a time, each in the context of the one before: models learn from single utterances
         speech = gen.generate_long(args.text, **kwargs, max_words=args.max_words, pause_ms=args.pause_ms,
@@ -63,6 +76,22 @@ def _say(args: argparse.Namespace) -> int:
     )
     print(out)
     return 0
+
+
+def parse_dialogue(script: str) -> list[tuple[int, str]]:
+    """'SPEAKER: text' per line -> [(speaker, text)]; blank lines and lines starting with # are skipped."""
+    turns = []
+    for n, line in enumerate(script.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        speaker, sep, text = line.partition(":")
+        if not sep or not speaker.strip().isdigit() or not text.strip():
+            raise ValueError(f"dialogue line {n}: expected 'SPEAKER: text' with a speaker id, got {line!r}")
+        turns.append((int(speaker), text.strip()))
+    if not turns:
+        raise ValueError("the dialogue has no turns")
+    return turns
 
 
 def _load_codec(args: argparse.Namespace, device: str):
@@ -105,7 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     say = sub.add_parser("say", help="speak TEXT and write a wav (or Mimi codes as .npy without a codec)")
-    say.add_argument("text", help="what to say; '-' reads it from stdin")
+    say.add_argument("text", nargs="?", help="what to say; '-' reads it from stdin")
+    say.add_argument("--dialogue", metavar="FILE", default=None,
+                     help="speak a conversation instead of TEXT: one 'SPEAKER: text' turn per line ('-': stdin), "
+                          "each in the context of the turns before it")
     say.add_argument("-o", "--output", default="out.wav", help="output .wav (or .npy for raw codes)")
     say.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the embedded voice)")
     say.add_argument("--codec", default=None, help="Mimi weights (directory/hub id); default: from --model; 'none'")

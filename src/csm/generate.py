@@ -444,6 +444,58 @@ class Generator:
             if speech.codes.shape[1] > 0:
                 parts.append(speech)
                 previous = Segment(spk, line, speech.codes) if chain else None
+        return self._joined(parts, pause_ms)
+
+    def generate_dialogue(
+        self,
+        turns: Sequence[tuple[int | None, str]],
+        context: Sequence[Segment] = (),
+        max_audio_length_ms: float = 10_000,
+        temperature: float | None = None,
+        topk: int | None = None,
+        seed: int | None = None,
+        *,
+        max_words: int | None = None,
+        pause_ms: float = 200,
+        progress: bool = False,
+    ) -> Speech:
+        """Speak a conversation: each (speaker, text) turn as `generate_long` speaks it, in the context of `context`
+        and of the turns before it (their text as the model read it and the codes just generated), what CSM is
+        made for. The oldest turns are left out when they do not fit beside the turn's longest sentence. Turn i
+        uses seed + 1000 * i; the turns' audio is joined with `pause_ms` of silence."""
+        from tqdm import tqdm
+
+        if not turns:
+            raise ValueError("the dialogue has no turns")
+        for _, text in turns:  # before any work
+            _check_text(text)
+        context = [self._encoded(c) for c in context]
+        history: list[Segment] = []
+        parts: list[Speech] = []
+        for i, (speaker, text) in enumerate(tqdm(turns, unit="turn", leave=False, disable=not progress)):
+            lines, spk, _ = self._long_setup(text, speaker, (), max_words, pause_ms)
+            while history and not self._fits(lines, spk, [*context, *history], max_audio_length_ms):
+                history.pop(0)
+            speech = self.generate_long(text, spk, [*context, *history], max_audio_length_ms, temperature, topk,
+                                        None if seed is None else seed + 1000 * i, max_words=max_words,
+                                        pause_ms=pause_ms)
+            if speech.codes.shape[1] > 0:
+                history.append(Segment(spk, " ".join(lines), speech.codes))
+                parts.append(speech)
+        return self._joined(parts, pause_ms)
+
+    def _fits(self, lines: list[str], speaker: int, context: list[Segment], max_audio_length_ms: float) -> bool:
+        """Whether every line fits the backbone's context after `context`, with its generation budget."""
+        for line in lines:
+            req = self.request(line, speaker, context, max_audio_length_ms)
+            try:
+                self._check_budget(len(self.prompt_frames(req.text, speaker, req.context)[0]), req)
+            except ContextTooLongError:
+                return False
+        return True
+
+    def _joined(self, parts: list[Speech], pause_ms: float) -> Speech:
+        """Pieces of speech back to back: their codes, and their audio with `pause_ms` of silence between."""
         codes = torch.cat([p.codes for p in parts], dim=1) if parts else \
             torch.zeros(self.num_codebooks, 0, dtype=torch.long)
         audio = None
