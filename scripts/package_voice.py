@@ -19,9 +19,9 @@ import torch
 
 from csm.checkpoints import load_checkpoint, save_checkpoint
 from csm.generate import generation_defaults
-from csm.tokenizer import spoken_words
 from csm.mimi import load_mimi
 from csm.mimi.weights import save_mimi
+from csm.tokenizer import spoken_words
 
 STORE = torch.float16  # 10 mantissa bits: finer than bf16 for the small weights of a tiny model
 

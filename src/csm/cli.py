@@ -21,9 +21,9 @@ def _say(args: argparse.Namespace) -> int:
     if (args.text is None) == (args.dialogue is None):
         raise ValueError("give either TEXT or --dialogue FILE")
     turns = None
-    if args.dialogue is not None and (args.speaker is not None or args.no_split):
-        raise ValueError("--speaker and --no-split do not apply to --dialogue (each line names its speaker)")
     if args.dialogue is not None:
+        if args.speaker is not None or args.no_split:
+            raise ValueError("--speaker and --no-split do not apply to --dialogue (each line names its speaker)")
         turns = parse_dialogue(sys.stdin.read() if args.dialogue == "-" else Path(args.dialogue).read_text())
         args.text = " ".join(text for _, text in turns)  # for the vocabulary check
     elif args.text == "-":  # the text from stdin: a paragraph or a whole file (the generator rejects empty text)
@@ -43,16 +43,14 @@ def _say(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     kwargs = dict(context=context, max_audio_length_ms=args.max_ms, temperature=args.temperature, topk=args.topk,
                   seed=args.seed)
-    if turns is None:
-        kwargs["speaker"] = args.speaker
     if turns is not None:
         speech = gen.generate_dialogue(turns, **kwargs, max_words=args.max_words, pause_ms=args.pause_ms,
                                        progress=True)
     elif args.no_split:
-        speech = gen.generate(args.text, **kwargs)
+        speech = gen.generate(args.text, args.speaker, **kwargs)
     else:  # one sentence at a time, each in the context of the one before: models learn from single utterances
-        speech = gen.generate_long(args.text, **kwargs, max_words=args.max_words, pause_ms=args.pause_ms,
-                                   progress=True)
+        speech = gen.generate_long(args.text, args.speaker, **kwargs, max_words=args.max_words,
+                                   pause_ms=args.pause_ms, progress=True)
     t2 = time.perf_counter()
     if speech.codes.shape[1] == 0:  # the first frame was end-of-utterance: nothing to write
         print("csm say: error: the model ended the line before speaking (no audio, nothing written); "
