@@ -486,12 +486,14 @@ class Generator:
 
     def _fits(self, lines: list[str], speaker: int, context: list[Segment], max_audio_length_ms: float) -> bool:
         """Whether every line fits the backbone's context after `context`, with its generation budget."""
-        for line in lines:
-            req = self.request(line, speaker, context, max_audio_length_ms)
-            try:
-                self._check_budget(len(self.prompt_frames(req.text, speaker, req.context)[0]), req)
-            except ContextTooLongError:
-                return False
+        return all(self._has_room(self.request(line, speaker, context, max_audio_length_ms)) for line in lines)
+
+    def _has_room(self, req: Request) -> bool:
+        """Whether the request's prompt and generation budget fit the backbone's context."""
+        try:
+            self._check_budget(len(self.prompt_frames(req.text, req.speaker, req.context)[0]), req)
+        except ContextTooLongError:
+            return False
         return True
 
     def _joined(self, parts: list[Speech], pause_ms: float) -> Speech:
@@ -556,11 +558,8 @@ class Generator:
                            None if seed is None else seed + i)
         if previous is not None:
             chained = replace(req, context=[*req.context, previous])
-            try:
-                self._check_budget(len(self.prompt_frames(line, speaker, chained.context)[0]), chained)
+            if self._has_room(chained):  # else no room beside the given context: this sentence goes without it
                 return chained
-            except ContextTooLongError:  # no room beside the given context: this sentence goes without it
-                pass
         return req
 
     def _pause(self, pause_ms: float) -> torch.Tensor:
@@ -682,8 +681,8 @@ def model_vocabulary(source: str | os.PathLike) -> frozenset[str] | None:
 def generation_defaults(source: str | os.PathLike) -> dict:
     """The defaults a model directory recommends in generation.json ({"speaker", "temperature", "topk",
     "max_words", "spell_numbers"}, all optional), e.g. the embedded voice, whose tiny model speaks more clearly with a
-    small top-k, learnt from lines of at most 14 words and never saw a digit; {} if none. "speakers" ({"id": "description"}), if present, comes back as
-    {int id: description}."""
+    small top-k, learnt from lines of at most 14 words and never saw a digit; {} if none. "speakers"
+    ({"id": "description"}), if present, comes back as {int id: description}."""
     import json
 
     from .hub import ModelFilesNotFound, find_files
