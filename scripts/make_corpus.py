@@ -66,6 +66,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from csm.tokenizer import number_to_words  # the same words `csm eval` and spell_numbers read numbers as
+
 SAMPLE_RATE = 24_000
 
 
@@ -116,25 +118,13 @@ ACTIVITIES = ["go swimming", "play chess", "watch a film", "cook dinner", "read 
 ADJ_GOOD = ["wonderful", "great", "lovely", "perfect", "brilliant", "fantastic", "amazing", "excellent"]
 WEATHER = ["sunny", "cloudy", "windy", "freezing", "rainy", "foggy", "warm", "humid", "quiet", "chilly"]
 FEELINGS = ["tired", "hungry", "happy", "busy", "nervous", "excited", "bored", "sleepy", "thirsty", "curious"]
-ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-        "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
-TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+ONES = [number_to_words(n) for n in range(20)]
 HOURS = ONES[1:13]
 MINUTES = ["o'clock", "fifteen", "thirty", "forty five", "twenty", "ten", "fifty"]
 
 
-def number_words(n: int) -> str:
-    """0..999 as words, without hyphens or 'and' (twenty one, three hundred five)."""
-    if n < 20:
-        return ONES[n]
-    if n < 100:
-        return TENS[n // 10] + ("" if n % 10 == 0 else " " + ONES[n % 10])
-    rest = n % 100
-    return ONES[n // 100] + " hundred" + ("" if rest == 0 else " " + number_words(rest))
-
-
 def _number(r: random.Random) -> str:
-    return number_words(r.choice([r.randint(2, 20), r.randint(21, 99), r.randint(100, 999)]))
+    return number_to_words(r.choice([r.randint(2, 20), r.randint(21, 99), r.randint(100, 999)]))
 
 
 def _time(r: random.Random) -> str:
