@@ -28,6 +28,8 @@ Outputs (24 kHz mono 16-bit wav, leading/trailing silence trimmed to 0.1 s, loud
                                  audio relative to the manifest's folder
     OUT/eval_sentences.txt       held-out sentences (or --eval-sentences PATH)
     OUT/heldout/NNN_spkS.wav     the held-out sentences spoken by speaker S
+    OUT/heldout_all/             with --heldout-all-speakers: every held-out sentence in every speaker
+                                 (NNN_spkS.wav + manifest.jsonl)
     OUT/speakers.json            speaker id -> voice description
     OUT/corpus.json              the settings; a rerun with other settings into the same folder is refused
 
@@ -514,6 +516,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exclude-sentences", type=Path, action="append", default=[],
                    help="a text file of sentences (one per line) never to use for training, e.g. another "
                         "corpus's eval_sentences.txt; repeatable")
+    p.add_argument("--heldout-all-speakers", action="store_true",
+                   help="also render every held-out sentence in every speaker, under OUT/heldout_all/ (with its "
+                        "manifest.jsonl): per-speaker ceilings for `csm eval --wavs` and the codec's resynthesis")
     p.add_argument("--dry-run", action="store_true", help="print the plan's first lines and stop")
     args = p.parse_args(argv)
 
@@ -572,10 +577,14 @@ def main(argv: list[str] | None = None) -> int:
     (out / "speakers.json").write_text(json.dumps(
         {str(s): asdict(VOICES[s]) for s in speakers}, indent=2) + "\n")
 
-    everything = heldout + utts
+    heldout_all = [Utterance(f"heldout_all/{i:03d}_spk{s}.wav", text, s, -1, 0)
+                   for s in speakers for i, text in enumerate(eval_sentences)] if args.heldout_all_speakers else []
+    if heldout_all:
+        (out / "heldout_all").mkdir(parents=True, exist_ok=True)
+    everything = heldout + heldout_all + utts
     todo = [(str(out / u.audio), asdict(u), args.piper_noise) for u in everything if not (out / u.audio).is_file()]
     print(f"{len(utts)} training utterances ({utts[-1].conversation + 1 if utts else 0} conversations) + "
-          f"{len(heldout)} held-out; {len(everything) - len(todo)} already made, {len(todo)} to synthesise "
+          f"{len(heldout) + len(heldout_all)} held-out; {len(everything) - len(todo)} already made, {len(todo)} to synthesise "
           f"with {args.jobs} jobs", file=sys.stderr)
 
     from tqdm import tqdm
@@ -616,6 +625,10 @@ def main(argv: list[str] | None = None) -> int:
     with open(out / "heldout" / "manifest.jsonl", "w") as f:
         for u in heldout:
             f.write(json.dumps({"audio": Path(u.audio).name, "text": u.text, "speaker": u.speaker}) + "\n")
+    if heldout_all:
+        with open(out / "heldout_all" / "manifest.jsonl", "w") as f:
+            for u in heldout_all:
+                f.write(json.dumps({"audio": Path(u.audio).name, "text": u.text, "speaker": u.speaker}) + "\n")
 
     made = len(todo) - len(errors)
     rate = f"{made / elapsed:.1f} utt/s, " if made and elapsed > 0 else ""

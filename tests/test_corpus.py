@@ -57,3 +57,22 @@ def test_cli_checks_splice_and_exclude_file(corpus, tmp_path, capsys):
     assert corpus.main([str(tmp_path / "c"), "--seed", "1", "--splice", "0.5", "--num-utterances", "50",
                         "--exclude-sentences", str(tmp_path / "ex.txt"), "--dry-run"]) == 0
     assert "Good morning, Maya, how are you?" not in capsys.readouterr().out
+
+
+def test_heldout_all_speakers_renders_every_sentence_in_every_voice(corpus, tmp_path, monkeypatch):
+    import json
+
+    import numpy as np
+
+    monkeypatch.setattr(corpus, "check_tools", lambda speakers: None)
+    monkeypatch.setattr(corpus, "synthesize", lambda voice, text, speed, noise: (np.full(4800, 0.1, np.float32), 24000))
+    out = tmp_path / "c"
+    args = [str(out), "--seed", "1", "--speakers", "1,3", "--num-utterances", "4", "--num-eval", "3", "--jobs", "1"]
+    assert corpus.main(args) == 0
+    assert not (out / "heldout_all").exists()  # only when asked
+    assert corpus.main([*args, "--heldout-all-speakers"]) == 0  # resumes the same corpus
+    rows = [json.loads(line) for line in (out / "heldout_all" / "manifest.jsonl").read_text().splitlines()]
+    sentences = (out / "eval_sentences.txt").read_text().splitlines()
+    assert [(r["audio"], r["text"], r["speaker"]) for r in rows] == [
+        (f"{i:03d}_spk{s}.wav", t, s) for s in (1, 3) for i, t in enumerate(sentences)]
+    assert all((out / "heldout_all" / r["audio"]).is_file() for r in rows)
