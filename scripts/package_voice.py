@@ -6,6 +6,9 @@ training logs, the corpus description and `csm eval` results.
         --corpus /data/corpus --eval eval.json --out src/csm/assets/voice
 
 The card's numbers come from the files named here, so re-running after a new training run keeps it honest.
+A decoder-only codec fine-tune (same codes, so the CSM stays valid) replaces just the codec and its card lines:
+
+    python scripts/package_voice.py --swap-codec runs/codec-ft/step-002000 --eval eval.json --out src/csm/assets/voice
 """
 
 from __future__ import annotations
@@ -74,11 +77,39 @@ def _mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
 
 
+def codec_lines(codec: torch.nn.Module, checkpoint: Path) -> list[str]:
+    """The card's codec bullet: its shape, and its training from the run's log."""
+    cc, last = codec.cfg, _last(checkpoint, "val_mel_l1")
+    lines = [f"- Codec: Mimi architecture, {sum(p.numel() for p in codec.parameters()) / 1e6:.1f} M parameters, "
+             f"{cc.num_codebooks} codebooks × {cc.codebook_size} at {cc.frame_rate:g} Hz, {cc.sample_rate} Hz audio."]
+    if last:
+        lines.append(f"  Trained {last['step']} steps ({last.get('train_minutes', 0):.1f} min); held-out "
+                     f"log-mel L1 {last['val_mel_l1']:.3f}.")
+    return lines
+
+
+def scores_line(eval_json: str | None) -> str:
+    """The card's scores paragraph, from a `csm eval --json` report."""
+    scores = json.loads(Path(eval_json).read_text())["summary"] if eval_json else {}
+    if not scores:
+        return "Not scored yet."
+    rounds = scores.get("rounds") or []
+    where = f"On {scores.get('n')} held-out sentences"
+    if rounds:  # csm eval --repeats: the same sentences once per seed, pooled
+        where = (f"On {scores['n'] // len(rounds)} held-out sentences, each generated with {len(rounds)} seeds ("
+                 + ", ".join(str(r["seed"]) for r in rounds) + "; WER per seed "
+                 + " / ".join(f"{100 * r['wer']:.1f}" for r in rounds) + " %), pooled")
+    return (f"{where}: WER {100 * scores['wer']:.1f} % (Whisper tiny.en; target ≤ 15 %)"
+            + (f"; with a context turn from the target speaker the output is closer (resemblyzer) to that speaker "
+               f"than to the others in {100 * scores['speaker_closer_fraction']:.0f} % of trials (target ≥ 90 %)"
+               if scores.get("speaker_closer_fraction") is not None else "")
+            + (f"; real-time factor {scores['rtf']:.2f} on this project's 2-core CPU" if "rtf" in scores else "")
+            + ".")
+
+
 def card(args, model, codec, out: Path, corpora: list[tuple[Path, dict]]) -> str:
     train_last = _last(Path(args.model), "loss")
     eval_last = _last(Path(args.model), "eval_loss")
-    codec_last = _last(Path(args.codec), "val_mel_l1")
-    scores = json.loads(Path(args.eval).read_text())["summary"] if args.eval else {}
     c = model.cfg
     lines = [
         "# The embedded voice",
@@ -119,41 +150,54 @@ def card(args, model, codec, out: Path, corpora: list[tuple[Path, dict]]) -> str
         lines.append(f"  Last run: `--data {cfg['data']}`, `--init {cfg['init']}`, lr {cfg['lr']:g} → {cfg['min_lr']:g}, "
                      f"batch {cfg['batch_size']} × {cfg['seq_len']} frames, decoder on 1/{cfg['amortization']} of the "
                      f"frames, `--code-noise {cfg.get('code_noise', 0.0):g}`, {run['train_seconds'] / 60:.0f} min.")
-    cc = codec.cfg
-    lines.append(f"- Codec: Mimi architecture, {sum(p.numel() for p in codec.parameters()) / 1e6:.1f} M parameters, "
-                 f"{cc.num_codebooks} codebooks × {cc.codebook_size} at {cc.frame_rate:g} Hz, {cc.sample_rate} Hz audio.")
-    if codec_last:
-        lines.append(f"  Trained {codec_last['step']} steps ({codec_last.get('train_minutes', 0):.1f} min); held-out "
-                     f"log-mel L1 {codec_last['val_mel_l1']:.3f}.")
+    lines += codec_lines(codec, Path(args.codec))
     if args.generation:
         lines.append(f"- Generation defaults (`generation.json`, used by `csm say` unless overridden): {args.generation}.")
     if args.notes:
         lines += ["", args.notes]
-    lines += ["", "## Scores (`csm eval`)", ""]
-    if scores:
-        rounds = scores.get("rounds") or []
-        where = f"On {scores.get('n')} held-out sentences"
-        if rounds:  # csm eval --repeats: the same sentences once per seed, pooled
-            where = (f"On {scores['n'] // len(rounds)} held-out sentences, each generated with {len(rounds)} seeds ("
-                     + ", ".join(str(r["seed"]) for r in rounds) + "; WER per seed "
-                     + " / ".join(f"{100 * r['wer']:.1f}" for r in rounds) + " %), pooled")
-        lines.append(f"{where}: WER {100 * scores['wer']:.1f} % (Whisper tiny.en; "
-                     "target ≤ 15 %)" + (f"; with a context turn from the target speaker the output is closer "
-                                         f"(resemblyzer) to that speaker than to the others in "
-                                         f"{100 * scores['speaker_closer_fraction']:.0f} % of trials (target ≥ 90 %)"
-                                         if scores.get("speaker_closer_fraction") is not None else "")
-                     + (f"; real-time factor {scores['rtf']:.2f} on this project's 2-core CPU" if "rtf" in scores
-                        else "") + ".")
-    else:
-        lines.append("Not scored yet.")
+    lines += ["", "## Scores (`csm eval`)", "", scores_line(args.eval)]
     lines += ["", f"Files: {_mb(out):.1f} MB (weights stored in float16, loaded as float32 on a CPU).", ""]
     return "\n".join(lines)
 
 
+def swap_codec(args) -> None:
+    """--swap-codec: a new codec for an already packaged voice (a decoder-only fine-tune gives the same codes, so
+    the CSM stays valid). Rewrites the codec, the card's codec bullet and Files line, and, when given, its notes and
+    scores; the rest of the card, written from the CSM's training logs, stays."""
+    out = Path(args.out)
+    card_path = out / "MODEL_CARD.md"
+    if not card_path.is_file():
+        raise SystemExit(f"package_voice.py: {out} is not a packaged voice (no MODEL_CARD.md)")
+    codec = load_mimi(args.swap_codec)
+    _fits_float16(codec, "the codec")
+    shutil.rmtree(out / "codec", ignore_errors=True)
+    save_mimi(codec, out / "codec", dtype=STORE)
+    lines = card_path.read_text().split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("- Codec:"))
+    end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith("  "))
+    lines[start:end] = codec_lines(codec, Path(args.swap_codec))
+    scores = lines.index("## Scores (`csm eval`)")
+    if args.notes:  # the paragraph between the Models bullets and the scores
+        bullets_end = next(i for i in range(start, scores) if not lines[i].startswith(("- ", "  ")))
+        lines[bullets_end:scores] = ["", args.notes, ""]
+        scores = lines.index("## Scores (`csm eval`)")
+    if args.eval:
+        lines[scores + 2] = scores_line(args.eval)
+    files = next(i for i, line in enumerate(lines) if line.startswith("Files: "))
+    lines[files] = f"Files: {_mb(out):.1f} MB (weights stored in float16, loaded as float32 on a CPU)."
+    card_path.write_text("\n".join(lines))
+    print(f"wrote {out / 'codec'} and the card ({_mb(out):.1f} MB)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a `csm train` checkpoint directory (step-NNNNNN)")
-    p.add_argument("--codec", required=True, help="a `csm train-codec` checkpoint directory")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="a `csm train` checkpoint directory (step-NNNNNN)")
+    what.add_argument("--swap-codec", metavar="CODEC",
+                      help="only replace the codec of the packaged voice at --out with this `csm train-codec` "
+                           "checkpoint (decoder-only fine-tunes: the CSM's codes stay valid); --eval / --notes "
+                           "replace the card's scores / notes")
+    p.add_argument("--codec", help="a `csm train-codec` checkpoint directory (with --model)")
     p.add_argument("--out", required=True, help="model directory to write (replaced)")
     p.add_argument("--corpus", action="append", default=[],
                    help="a make_corpus.py folder the voice was trained on (corpus.json, manifest.jsonl); repeatable")
@@ -162,6 +206,10 @@ def main() -> None:
     p.add_argument("--generation", default=None, metavar="JSON",
                    help='sampling defaults written to generation.json, e.g. \'{"speaker": 1, "topk": 5}\'')
     args = p.parse_args()
+    if args.swap_codec:
+        return swap_codec(args)
+    if not args.codec:
+        p.error("--model needs --codec")
     corpora = read_corpora(args.corpus)  # first, so that a wrong folder fails before any work
 
     out = Path(args.out)

@@ -532,6 +532,30 @@ def test_package_voice_script(prepared, micro_config, tmp_path):
     assert "On 3 held-out sentences, each generated with 2 seeds (0, 100; WER per seed 40.0 / 60.0 %), pooled: " \
            "WER 50.0 %" in card
 
+    # --swap-codec: a new codec (and its scores and notes) for the packaged voice; the CSM and the rest stay
+    torch.manual_seed(1)
+    new_codec = Mimi(preset("tiny"))
+    new_dir = save_mimi(new_codec, tmp_path / "codec-run" / "step-000007")  # as csm train-codec lays out a run
+    with open(tmp_path / "codec-run" / "log.jsonl", "w") as f:
+        f.write(json.dumps({"step": 7, "train_minutes": 1.5, "val_mel_l1": 0.75}) + "\n")
+    scores["summary"].update(wer=0.25, rounds=[{"seed": 0, "wer": 0.2}, {"seed": 100, "wer": 0.3}])
+    (tmp_path / "eval.json").write_text(json.dumps(scores))
+    model_bytes = (out / "model.safetensors").read_bytes()
+    subprocess.run([sys.executable, str(script), "--swap-codec", str(new_dir), "--out", str(out), "--eval",
+                    str(tmp_path / "eval.json"), "--notes", "A piper-weighted codec."], check=True, capture_output=True)
+    assert (out / "model.safetensors").read_bytes() == model_bytes
+    from csm.mimi import load_mimi
+    swapped = load_mimi(out / "codec").state_dict()
+    for k, v in new_codec.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(swapped[k], v.half().float())
+    new_card = (out / "MODEL_CARD.md").read_text()
+    assert "  Trained 7 steps (1.5 min); held-out log-mel L1 0.750." in new_card
+    assert "\nA piper-weighted codec.\n\n## Scores" in new_card
+    assert "WER per seed 20.0 / 30.0 %), pooled: WER 25.0 %" in new_card and "WER 50.0 %" not in new_card
+    assert new_card.split("## Models")[0] == card.split("## Models")[0]  # data, speakers: untouched
+    assert new_card.count("- Codec:") == 1 and "Files: " in new_card
+
 
 def test_split_prepared_reads_manifests_for_unseen_in(prepared, tmp_path):
     """--unseen-in also takes a manifest: only its `text` fields matter (the voice round's first corpus has none
