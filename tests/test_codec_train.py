@@ -224,6 +224,8 @@ def test_data_and_cli(tmp_path):
         sf.write(str(tmp_path / f"c{i}.wav"), clip.numpy(), 16_000)  # resampled to 24 kHz on load
     (tmp_path / "m.jsonl").write_text("".join(json.dumps({"audio": f"c{i}.wav", "text": "x"}) + "\n" for i in range(2)))
     assert len(audio_paths(tmp_path)) == 2 and len(audio_paths(tmp_path / "m.jsonl")) == 2
+    mixed = audio_paths(f"{tmp_path / 'm.jsonl'},{tmp_path}")  # comma-joined sources: concatenated
+    assert mixed == [tmp_path / "c0.wav", tmp_path / "c1.wav"] * 2
     clips = ClipSet.load(audio_paths(tmp_path / "m.jsonl"), SR)
     assert len(clips.clips[0]) == int(0.3 * SR) * 3 // 2  # 7200 samples written at 16 kHz: 0.45 s at 24 kHz
     batch = clips.batch(3, 10_000, torch.Generator().manual_seed(0))  # longer than the clips: zero-padded

@@ -135,9 +135,12 @@ class CodecTrainConfig:
 
 
 def audio_paths(source: str | os.PathLike) -> list[Path]:
-    """Audio files of a manifest (.jsonl / .csv with an `audio` field, relative to the manifest) or a folder."""
+    """Audio files of a manifest (.jsonl / .csv with an `audio` field, relative to the manifest) or a folder; several
+    sources joined by commas are concatenated (a mix of corpora, weighted by their sizes)."""
     from .data import AUDIO_EXTENSIONS
 
+    if isinstance(source, str) and "," in source and not Path(source).exists():
+        return [p for part in source.split(",") if part for p in audio_paths(part)]
     source = Path(source)
     if source.is_dir():
         paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
@@ -821,7 +824,8 @@ def _log(out: Path, record: dict, bar) -> None:
 
 HELP = {
     **SCHEDULE_HELP,
-    "data": "a .jsonl/.csv manifest (field: audio) or a folder of audio files; clips are loaded into memory",
+    "data": "a .jsonl/.csv manifest (field: audio) or a folder of audio files, or several joined by commas; clips are "
+            "loaded into memory",
     "out": "output directory: checkpoints step-NNNNNN/ (load with csm.mimi.load_mimi) and log.jsonl",
     "preset": f"codec architecture: one of {sorted(CODEC_PRESETS)} or a csm.mimi preset",
     "model_config": "a transformers-style Mimi config.json instead of --preset",
