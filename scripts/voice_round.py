@@ -105,16 +105,35 @@ def stage_prepared(src: Path, dst: Path, splits: dict[str, Path] | None = None) 
         (dst / name / "index.jsonl").write_text(slim_index(read_index(split / "index.jsonl")))
 
 
-def opus_clips(manifests: list[Path], out: Path, budget: int, seed: int, level: float = 0.7) -> tuple[int, float]:
+def piper_first(rows: list[tuple[Path, dict]], share: float, rng: random.Random) -> list[tuple[Path, dict]]:
+    """`rows` reordered so that a `share` of them, as far as there are, come from the piper voices (the default
+    speaker's engine; make_corpus.py's speakers.json beside each manifest says which ids those are)."""
+    engines = {root: {int(k): v["engine"] for k, v in json.loads((root / "speakers.json").read_text()).items()}
+               for root in {root for root, _ in rows}}
+    piper = [r for r in rows if engines[r[0]].get(r[1].get("speaker")) == "piper"]
+    other = [r for r in rows if engines[r[0]].get(r[1].get("speaker")) != "piper"]
+    order = []
+    while piper and other:
+        order.append((piper if rng.random() < share else other).pop())
+    return order + piper + other
+
+
+def opus_clips(manifests: list[Path], out: Path, budget: int, seed: int, level: float = 0.7,
+               piper_share: float | None = None) -> tuple[int, float]:
     """Random training utterances re-encoded as Ogg Opus until `budget` bytes are used. Returns (clips, seconds).
 
     They are the codec decoder's targets, so the level trades clips for fidelity: on this corpus level 0.7 is ~86
     kb/s, 2.3x the audio per MB of FLAC, with a log-mel L1 of 0.09 against the original (the codec's own error is
-    ~0.9); libsndfile's default (~39 kb/s) fits 5x the audio at 0.24."""
+    ~0.9); libsndfile's default (~39 kb/s) fits 5x the audio at 0.24. `piper_share` weights the clips toward the
+    piper voices (the corpora hold 2 of 5): on the CPU a decoder fine-tuned on such a mix resynthesised every speaker
+    better than the shipped codec, the default one most (docs/codec_training.md)."""
     import soundfile as sf
 
     rows = [(m.parent, json.loads(line)) for m in manifests for line in m.read_text().splitlines() if line.strip()]
-    random.Random(seed).shuffle(rows)
+    rng = random.Random(seed)
+    rng.shuffle(rows)
+    if piper_share is not None:
+        rows = piper_first(rows, piper_share, rng)
     out.mkdir(parents=True)
     used, n, seconds = 0, 0, 0.0
     for root, row in rows:
@@ -169,10 +188,11 @@ def bundle(args: argparse.Namespace) -> None:
     if left <= 0:
         sys.exit(f"the codes alone leave no room in the device tool's 64 MiB ({-left / 2**20:.1f} MiB over)")
     n, seconds = opus_clips([c2 / "manifest.filtered.jsonl", c3 / "manifest.jsonl"], out / "clips", left, args.seed,
-                            args.opus_level)
+                            args.opus_level, args.piper_share)
     total = tracked_bytes() + dir_bytes(out)
     (out / "bundle.json").write_text(json.dumps({
-        "splice_seed": args.splice_seed, "num_utterances": args.num, "clips": n, "clip_minutes": round(seconds / 60, 1),
+        "splice_seed": args.splice_seed, "num_utterances": args.num, "piper_share": args.piper_share, "clips": n,
+        "clip_minutes": round(seconds / 60, 1),
         "bytes": dir_bytes(out), "with_repository": total}, indent=1) + "\n")
     print(f"{out}: codes {(out / 'csm.tar.xz').stat().st_size / 2**20:.1f} MiB, {n} clips ({seconds / 60:.1f} min) "
           f"for the codec; with the repository {total / 2**20:.1f} of 64 MiB; {(time.time() - t0) / 60:.0f} min")
@@ -328,6 +348,8 @@ def main() -> None:
     b.add_argument("--margin-mb", type=int, default=1, help="MiB left free under the 64 MiB (default 1)")
     b.add_argument("--opus-level", type=float, default=0.7,
                    help="Opus compression level of the clips, 0 (best) to 1 (smallest) (default 0.7: ~86 kb/s)")
+    b.add_argument("--piper-share", type=float, default=0.6,
+                   help="share of the codec's clips from the piper voices, 0-1 (default 0.6; the corpora hold 0.4)")
     b.set_defaults(func=bundle)
     t = sub.add_parser("train", help="on the GPU machine: CSM and codec decoder side by side")
     t.add_argument("bundle", type=Path)

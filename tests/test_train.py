@@ -609,6 +609,13 @@ def test_voice_round_train_and_unpack(prepared, micro_config, tmp_path):
     n, seconds = vr.opus_clips([tmp_path / "clips.jsonl"], bundle / "clips", budget=10**6, seed=0)
     assert n == 3 and seconds == pytest.approx(3.0)
     assert vr.opus_clips([tmp_path / "clips.jsonl"], tmp_path / "few", budget=1, seed=0) == (0, 0.0)
+    # the codec's clips weighted toward the piper voices (speakers.json says which ids): 90 % of the first 100
+    import random
+    (tmp_path / "speakers.json").write_text(json.dumps({"0": {"engine": "piper"}, "1": {"engine": "espeak"}}))
+    rows = [(tmp_path, {"audio": f"{i}.wav", "speaker": i % 2}) for i in range(1000)]
+    order = vr.piper_first(rows, 0.9, random.Random(0))
+    assert sorted(r["audio"] for _, r in order) == sorted(r["audio"] for _, r in rows)  # all kept, once
+    assert 80 <= sum(r["speaker"] == 0 for _, r in order[:100]) <= 98
     (bundle / "wheels").mkdir()
     (bundle / "bundle.json").write_text(json.dumps({"splice_seed": 8}))
 
