@@ -6,9 +6,11 @@ training logs, the corpus description and `csm eval` results.
         --corpus /data/corpus --eval eval.json --out src/csm/assets/voice
 
 The card's numbers come from the files named here, so re-running after a new training run keeps it honest.
-A decoder-only codec fine-tune (same codes, so the CSM stays valid) replaces just the codec and its card lines:
+A decoder-only codec fine-tune (same codes, so the CSM stays valid) replaces just the codec and its card lines, and
+a CSM fine-tuned from the packaged one just the CSM (adding the fine-tune's corpora to the card):
 
     python scripts/package_voice.py --swap-codec runs/codec-ft/step-002000 --eval eval.json --out src/csm/assets/voice
+    python scripts/package_voice.py --swap-model runs/ft/step-000400 --corpus data/new --out src/csm/assets/voice
 """
 
 from __future__ import annotations
@@ -49,9 +51,12 @@ def corpus_speakers(corpora: list[tuple[Path, dict]]) -> dict[str, str]:
     """Speaker id -> voice description over the corpora."""
     speakers = {}
     for _, meta in corpora:
-        voices = meta.get("voices", [])
-        for i in meta.get("speakers", range(len(voices))):
-            speakers[str(i)] = voices[i].get("description", voices[i].get("name", "")) if i < len(voices) else ""
+        voices, ids = meta.get("voices", []), meta.get("speakers", range(len(meta.get("voices", []))))
+        # make_corpus.py lists the voices of its speakers only; older folders listed every voice
+        by_id = dict(zip(ids, voices)) if len(voices) == len(ids) else dict(enumerate(voices))
+        for i in ids:
+            v = by_id.get(i, {})
+            speakers[str(i)] = v.get("description", v.get("name", ""))
     return dict(sorted(speakers.items(), key=lambda kv: int(kv[0])))
 
 
@@ -107,10 +112,38 @@ def scores_line(eval_json: str | None) -> str:
             + ".")
 
 
+def model_lines(model: torch.nn.Module, checkpoint: Path) -> list[str]:
+    """The card's CSM bullet: its shape, and its last run from the checkpoint's log and train_state.pt."""
+    train_last, eval_last, c = _last(checkpoint, "loss"), _last(checkpoint, "eval_loss"), model.cfg
+    lines = [f"- CSM: backbone {c.backbone.n_layers} layers × {c.backbone.dim}, decoder {c.decoder.n_layers} "
+             f"layers × {c.decoder.dim}, {c.audio_num_codebooks} codebooks, text vocabulary {c.text_vocab_size}; "
+             f"{model.num_parameters() / 1e6:.1f} M parameters."]
+    if train_last:
+        lines.append(f"  Trained {train_last['step']} steps (epoch {train_last.get('epoch')}); last training loss "
+                     f"{train_last['loss']:.3f} (codebook 0 {train_last['c0_loss']:.3f}, decoder "
+                     f"{train_last['decoder_loss']:.3f})" + (f", held-out loss {eval_last['eval_loss']:.3f}"
+                                                             if eval_last else "") + ".")
+    state = checkpoint / "train_state.pt"
+    if state.is_file():
+        run = torch.load(state, weights_only=True)
+        cfg = run["config"]
+        lines.append(f"  Last run: `--data {cfg['data']}`, `--init {cfg['init']}`, lr {cfg['lr']:g} → {cfg['min_lr']:g}, "
+                     f"batch {cfg['batch_size']} × {cfg['seq_len']} frames, decoder on 1/{cfg['amortization']} of the "
+                     f"frames, `--code-noise {cfg.get('code_noise', 0.0):g}`, {run['train_seconds'] / 60:.0f} min.")
+    return lines
+
+
+def data_line(path: Path, corpus: dict) -> str:
+    manifest = path / "manifest.jsonl"
+    n_utt = sum(1 for _ in manifest.open()) if manifest.is_file() else None
+    return (f"- Synthetic conversations made offline by `scripts/make_corpus.py` (seed {corpus.get('seed')})"
+            + (f", {n_utt} utterances" if n_utt else "")
+            + (f", {corpus['splice']:.0%} of its lines spliced from two grammar lines" if corpus.get("splice") else "")
+            + (f", speakers {', '.join(map(str, corpus['speakers']))}" if corpus.get("speakers") else "")
+            + ".")
+
+
 def card(args, model, codec, out: Path, corpora: list[tuple[Path, dict]]) -> str:
-    train_last = _last(Path(args.model), "loss")
-    eval_last = _last(Path(args.model), "eval_loss")
-    c = model.cfg
     lines = [
         "# The embedded voice",
         "",
@@ -120,13 +153,7 @@ def card(args, model, codec, out: Path, corpora: list[tuple[Path, dict]]) -> str
         "",
         "## Data",
     ]
-    for path, corpus in corpora:
-        manifest = path / "manifest.jsonl"
-        n_utt = sum(1 for _ in manifest.open()) if manifest.is_file() else None
-        lines.append(f"- Synthetic conversations made offline by `scripts/make_corpus.py` (seed {corpus.get('seed')})"
-                     + (f", {n_utt} utterances" if n_utt else "")
-                     + (f", {corpus['splice']:.0%} of its lines spliced from two grammar lines" if corpus.get("splice") else "")
-                     + ".")
+    lines += [data_line(path, corpus) for path, corpus in corpora]
     vocabulary = out / "vocabulary.txt"
     if vocabulary.is_file():
         lines += ["", f"Vocabulary: the {len(vocabulary.read_text().split())} words of these lines (`vocabulary.txt`; "
@@ -134,22 +161,7 @@ def card(args, model, codec, out: Path, corpora: list[tuple[Path, dict]]) -> str
     if corpora:
         lines += ["", "Speakers (`csm say --speaker N`; other ids are refused):"]
         lines += [f"- {i}: {d}" for i, d in corpus_speakers(corpora).items()]
-    lines += ["", "## Models", ""]
-    lines.append(f"- CSM: backbone {c.backbone.n_layers} layers × {c.backbone.dim}, decoder {c.decoder.n_layers} "
-                 f"layers × {c.decoder.dim}, {c.audio_num_codebooks} codebooks, text vocabulary {c.text_vocab_size}; "
-                 f"{model.num_parameters() / 1e6:.1f} M parameters.")
-    if train_last:
-        lines.append(f"  Trained {train_last['step']} steps (epoch {train_last.get('epoch')}); last training loss "
-                     f"{train_last['loss']:.3f} (codebook 0 {train_last['c0_loss']:.3f}, decoder "
-                     f"{train_last['decoder_loss']:.3f})" + (f", held-out loss {eval_last['eval_loss']:.3f}"
-                                                             if eval_last else "") + ".")
-    state = Path(args.model) / "train_state.pt"
-    if state.is_file():
-        run = torch.load(state, weights_only=True)
-        cfg = run["config"]
-        lines.append(f"  Last run: `--data {cfg['data']}`, `--init {cfg['init']}`, lr {cfg['lr']:g} → {cfg['min_lr']:g}, "
-                     f"batch {cfg['batch_size']} × {cfg['seq_len']} frames, decoder on 1/{cfg['amortization']} of the "
-                     f"frames, `--code-noise {cfg.get('code_noise', 0.0):g}`, {run['train_seconds'] / 60:.0f} min.")
+    lines += ["", "## Models", ""] + model_lines(model, Path(args.model))
     lines += codec_lines(codec, Path(args.codec))
     if args.generation:
         lines.append(f"- Generation defaults (`generation.json`, used by `csm say` unless overridden): {args.generation}.")
@@ -160,25 +172,30 @@ def card(args, model, codec, out: Path, corpora: list[tuple[Path, dict]]) -> str
     return "\n".join(lines)
 
 
-def swap_codec(args) -> None:
-    """--swap-codec: a new codec for an already packaged voice (a decoder-only fine-tune gives the same codes, so
-    the CSM stays valid). Rewrites the codec, the card's codec bullet and Files line, and, when given, its notes and
-    scores; the rest of the card, written from the CSM's training logs, stays."""
-    out = Path(args.out)
+def _packaged(out: Path) -> Path:
     card_path = out / "MODEL_CARD.md"
     if not card_path.is_file():
         raise SystemExit(f"package_voice.py: {out} is not a packaged voice (no MODEL_CARD.md)")
-    codec = load_mimi(args.swap_codec)
-    _fits_float16(codec, "the codec")
-    shutil.rmtree(out / "codec", ignore_errors=True)
-    save_mimi(codec, out / "codec", dtype=STORE)
+    return card_path
+
+
+def _rewrite_card(args, bullet: str, new_bullet: list[str], data: list[str] = ()) -> None:
+    """Replace the card's `bullet` block (e.g. "- Codec:") with `new_bullet`, append `data` lines to its Data
+    section, and, when given, its notes and scores; refresh its Files line."""
+    out = Path(args.out)
+    card_path = _packaged(out)
     lines = card_path.read_text().split("\n")
-    start = next(i for i, line in enumerate(lines) if line.startswith("- Codec:"))
+    start = next(i for i, line in enumerate(lines) if line.startswith(bullet))
     end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith("  "))
-    lines[start:end] = codec_lines(codec, Path(args.swap_codec))
+    lines[start:end] = new_bullet
+    if data:
+        section = lines.index("## Data")
+        last = next(i for i in range(section + 1, len(lines)) if not lines[i].startswith("- "))
+        lines[last:last] = [line for line in data if line not in lines[section:last]]
     scores = lines.index("## Scores (`csm eval`)")
     if args.notes:  # the paragraph between the Models bullets and the scores
-        bullets_end = next(i for i in range(start, scores) if not lines[i].startswith(("- ", "  ")))
+        models = lines.index("## Models")
+        bullets_end = next(i for i in range(models + 2, scores) if not lines[i].startswith(("- ", "  ")))
         lines[bullets_end:scores] = ["", args.notes, ""]
         scores = lines.index("## Scores (`csm eval`)")
     if args.eval:
@@ -186,7 +203,43 @@ def swap_codec(args) -> None:
     files = next(i for i, line in enumerate(lines) if line.startswith("Files: "))
     lines[files] = f"Files: {_mb(out):.1f} MB (weights stored in float16, loaded as float32 on a CPU)."
     card_path.write_text("\n".join(lines))
+
+
+def swap_codec(args) -> None:
+    """--swap-codec: a new codec for an already packaged voice (a decoder-only fine-tune gives the same codes, so
+    the CSM stays valid). Rewrites the codec, the card's codec bullet and Files line, and, when given, its notes and
+    scores; the rest of the card, written from the CSM's training logs, stays."""
+    out = Path(args.out)
+    _packaged(out)
+    codec = load_mimi(args.swap_codec)
+    _fits_float16(codec, "the codec")
+    shutil.rmtree(out / "codec", ignore_errors=True)
+    save_mimi(codec, out / "codec", dtype=STORE)
+    _rewrite_card(args, "- Codec:", codec_lines(codec, Path(args.swap_codec)))
     print(f"wrote {out / 'codec'} and the card ({_mb(out):.1f} MB)")
+
+
+def swap_model(args) -> None:
+    """--swap-model: a CSM fine-tuned from the packaged one (same shape, tokenizer and codec) replaces it. Rewrites
+    the weights, the card's CSM bullet, and adds the --corpus folders it was fine-tuned on to the card's Data and
+    their words to vocabulary.txt; the codec and the rest stay."""
+    out, checkpoint = Path(args.out), Path(args.swap_model)
+    _packaged(out)
+    corpora = read_corpora(args.corpus)
+    old, _ = load_checkpoint(out)
+    model, _ = load_checkpoint(checkpoint)
+    if model.cfg != old.cfg:
+        raise SystemExit(f"package_voice.py: {checkpoint} has another model config than {out}; package it with --model")
+    if (checkpoint / "tokenizer.json").read_text() != (out / "tokenizer.json").read_text():
+        raise SystemExit(f"package_voice.py: {checkpoint} was trained with another tokenizer than {out}'s")
+    _fits_float16(model, "the CSM")
+    save_checkpoint(model, out, dtype=STORE)  # model.safetensors + config.json; the codec and the rest stay
+    vocabulary = out / "vocabulary.txt"
+    if corpora and vocabulary.is_file():
+        words = set(vocabulary.read_text().split()) | set(corpus_vocabulary(corpora))
+        vocabulary.write_text("".join(w + "\n" for w in sorted(words)))
+    _rewrite_card(args, "- CSM:", model_lines(model, checkpoint), [data_line(p, c) for p, c in corpora])
+    print(f"wrote {out / 'model.safetensors'} and the card ({_mb(out):.1f} MB)")
 
 
 def main() -> None:
@@ -197,6 +250,10 @@ def main() -> None:
                       help="only replace the codec of the packaged voice at --out with this `csm train-codec` "
                            "checkpoint (decoder-only fine-tunes: the CSM's codes stay valid); --eval / --notes "
                            "replace the card's scores / notes")
+    what.add_argument("--swap-model", metavar="CSM",
+                      help="only replace the CSM of the packaged voice at --out with this `csm train` checkpoint, "
+                           "fine-tuned from it (same shape, tokenizer and codec); --corpus adds the fine-tune's data "
+                           "to the card and vocabulary.txt; --eval / --notes replace the card's scores / notes")
     p.add_argument("--codec", help="a `csm train-codec` checkpoint directory (with --model)")
     p.add_argument("--out", required=True, help="model directory to write (replaced)")
     p.add_argument("--corpus", action="append", default=[],
@@ -208,6 +265,8 @@ def main() -> None:
     args = p.parse_args()
     if args.swap_codec:
         return swap_codec(args)
+    if args.swap_model:
+        return swap_model(args)
     if not args.codec:
         p.error("--model needs --codec")
     corpora = read_corpora(args.corpus)  # first, so that a wrong folder fails before any work

@@ -526,8 +526,8 @@ def test_package_voice_script(prepared, micro_config, tmp_path):
     scores["summary"].update(n=6, rounds=[{"seed": 0, "wer": 0.4}, {"seed": 100, "wer": 0.6}])
     (tmp_path / "eval.json").write_text(json.dumps(scores))
     subprocess.run([sys.executable, str(script), "--model", str(tmp_path / "run" / "step-000002"), "--codec",
-                    str(codec), "--out", str(out), "--eval", str(tmp_path / "eval.json")], check=True,
-                   capture_output=True)
+                    str(codec), "--out", str(out), "--eval", str(tmp_path / "eval.json"), "--corpus", str(corpus)],
+                   check=True, capture_output=True)
     card = (out / "MODEL_CARD.md").read_text()
     assert "On 3 held-out sentences, each generated with 2 seeds (0, 100; WER per seed 40.0 / 60.0 %), pooled: " \
            "WER 50.0 %" in card
@@ -555,6 +555,35 @@ def test_package_voice_script(prepared, micro_config, tmp_path):
     assert "WER per seed 20.0 / 30.0 %), pooled: WER 25.0 %" in new_card and "WER 50.0 %" not in new_card
     assert new_card.split("## Models")[0] == card.split("## Models")[0]  # data, speakers: untouched
     assert new_card.count("- Codec:") == 1 and "Files: " in new_card
+
+    # --swap-model: a CSM fine-tuned from the packaged one, on a new corpus of two of the voices; the codec stays
+    train(_cfg(prepared, tmp_path / "ft", model_config=None, init=str(out), steps=2))
+    new = tmp_path / "corpus2"
+    new.mkdir()
+    (new / "corpus.json").write_text(json.dumps({"seed": 9, "speakers": [0, 2], "voices": voices[::2]}))
+    _manifest(new / "manifest.jsonl", [{"audio": "a.wav", "text": "Five bottles, Maya."}])
+    codec_bytes = (out / "codec" / "model.safetensors").read_bytes()
+    subprocess.run([sys.executable, str(script), "--swap-model", str(tmp_path / "ft" / "step-000002"), "--out",
+                    str(out), "--corpus", str(new), "--notes", "Fine-tuned."], check=True, capture_output=True)
+    assert (out / "codec" / "model.safetensors").read_bytes() == codec_bytes
+    tuned, _ = load_checkpoint(tmp_path / "ft" / "step-000002")
+    packaged, _ = load_checkpoint(out)
+    for k, v in tuned.state_dict().items():
+        torch.testing.assert_close(packaged.state_dict()[k], v.half().float())
+    ft_card = (out / "MODEL_CARD.md").read_text()
+    assert ft_card.count("- CSM:") == 1 and f"`--init {out}`" in ft_card
+    data = ft_card.split("## Data")[1].split("## Models")[0]
+    assert data.index("(seed 1), 2 utterances") < data.index("(seed 9), 1 utterances, speakers 0, 2.")
+    assert "\nFine-tuned.\n\n## Scores" in ft_card and "WER 25.0 %" in ft_card  # scores kept without --eval
+    assert ft_card.split("## Models")[1].count("- Codec:") == 1
+    assert (out / "vocabulary.txt").read_text().split() == ["bottles", "five", "it's", "maya", "more", "o'clock",
+                                                            "please"]
+    # a checkpoint with another tokenizer is refused, and the packaged voice is left as it was
+    (tmp_path / "ft" / "step-000002" / "tokenizer.json").write_text("{}")
+    r = subprocess.run([sys.executable, str(script), "--swap-model", str(tmp_path / "ft" / "step-000002"), "--out",
+                        str(out)], capture_output=True, text=True)
+    assert r.returncode != 0 and "another tokenizer" in r.stderr
+    assert (out / "MODEL_CARD.md").read_text() == ft_card
 
 
 def test_split_prepared_reads_manifests_for_unseen_in(prepared, tmp_path):
