@@ -226,12 +226,17 @@ def swap_model(args) -> None:
     out, checkpoint = Path(args.out), Path(args.swap_model)
     _packaged(out)
     corpora = read_corpora(args.corpus)
-    old, _ = load_checkpoint(out)
-    model, _ = load_checkpoint(checkpoint)
-    if model.cfg != old.cfg:
-        raise SystemExit(f"package_voice.py: {checkpoint} has another model config than {out}; package it with --model")
+    if not (checkpoint / "tokenizer.json").is_file():
+        raise SystemExit(f"package_voice.py: {checkpoint} has no tokenizer.json (not a `csm train` checkpoint?)")
     if (checkpoint / "tokenizer.json").read_text() != (out / "tokenizer.json").read_text():
         raise SystemExit(f"package_voice.py: {checkpoint} was trained with another tokenizer than {out}'s")
+    try:
+        old, _ = load_checkpoint(out)
+        model, _ = load_checkpoint(checkpoint)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"package_voice.py: {e}") from None
+    if model.cfg != old.cfg:
+        raise SystemExit(f"package_voice.py: {checkpoint} has another model config than {out}; package it with --model")
     _fits_float16(model, "the CSM")
     save_checkpoint(model, out, dtype=STORE)  # model.safetensors + config.json; the codec and the rest stay
     vocabulary = out / "vocabulary.txt"

@@ -331,7 +331,10 @@ def unpack(args: argparse.Namespace) -> None:
         model, codec = out / "csm" / meta["csm_step"], out / "codec" / meta["codec_step"]
         print(f"next (docs/voice.md step 6):\n  csm eval --model {model} --codec {codec} "
               f"--corpus CORPUS1/manifest.jsonl --num 20 --threads 2 --repeats 3 --json {out}/eval.json"
-              "   # and again with --seed 300")
+              "   # and again with --seed 300, and without context (--texts ... --no-speaker)\n"
+              "  # each half that beats the shipped one goes in alone (a copy of the voice first, to score it):\n"
+              f"  python scripts/package_voice.py --swap-model {model} --out src/csm/assets/voice\n"
+              f"  python scripts/package_voice.py --swap-codec {codec} --out src/csm/assets/voice")
 
 
 def main() -> None:
