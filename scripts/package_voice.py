@@ -51,7 +51,8 @@ def corpus_speakers(corpora: list[tuple[Path, dict]]) -> dict[str, str]:
     """Speaker id -> voice description over the corpora."""
     speakers = {}
     for _, meta in corpora:
-        voices, ids = meta.get("voices", []), meta.get("speakers", range(len(meta.get("voices", []))))
+        voices = meta.get("voices", [])
+        ids = meta.get("speakers", range(len(voices)))
         # make_corpus.py lists the voices of its speakers only; older folders listed every voice
         by_id = dict(zip(ids, voices)) if len(voices) == len(ids) else dict(enumerate(voices))
         for i in ids:
@@ -143,6 +144,11 @@ def data_line(path: Path, corpus: dict) -> str:
             + ".")
 
 
+def vocabulary_line(out: Path) -> str:
+    return (f"Vocabulary: the {len((out / 'vocabulary.txt').read_text().split())} words of these lines "
+            "(`vocabulary.txt`; `csm say` warns about any other word, which the voice mumbles).")
+
+
 def card(args, model, codec, out: Path, corpora: list[tuple[Path, dict]]) -> str:
     lines = [
         "# The embedded voice",
@@ -154,10 +160,8 @@ def card(args, model, codec, out: Path, corpora: list[tuple[Path, dict]]) -> str
         "## Data",
     ]
     lines += [data_line(path, corpus) for path, corpus in corpora]
-    vocabulary = out / "vocabulary.txt"
-    if vocabulary.is_file():
-        lines += ["", f"Vocabulary: the {len(vocabulary.read_text().split())} words of these lines (`vocabulary.txt`; "
-                      "`csm say` warns about any other word, which the voice mumbles)."]
+    if (out / "vocabulary.txt").is_file():
+        lines += ["", vocabulary_line(out)]
     if corpora:
         lines += ["", "Speakers (`csm say --speaker N`; other ids are refused):"]
         lines += [f"- {i}: {d}" for i, d in corpus_speakers(corpora).items()]
@@ -179,11 +183,10 @@ def _packaged(out: Path) -> Path:
     return card_path
 
 
-def _rewrite_card(args, bullet: str, new_bullet: list[str], data: list[str] = ()) -> None:
+def _rewrite_card(args, card_path: Path, bullet: str, new_bullet: list[str], data: list[str] = ()) -> None:
     """Replace the card's `bullet` block (e.g. "- Codec:") with `new_bullet`, append `data` lines to its Data
-    section, and, when given, its notes and scores; refresh its Files line."""
-    out = Path(args.out)
-    card_path = _packaged(out)
+    section, and, when given, its notes and scores; refresh its Vocabulary and Files lines."""
+    out = card_path.parent
     lines = card_path.read_text().split("\n")
     start = next(i for i, line in enumerate(lines) if line.startswith(bullet))
     end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith("  "))
@@ -202,6 +205,7 @@ def _rewrite_card(args, bullet: str, new_bullet: list[str], data: list[str] = ()
         lines[scores + 2] = scores_line(args.eval)
     files = next(i for i, line in enumerate(lines) if line.startswith("Files: "))
     lines[files] = f"Files: {_mb(out):.1f} MB (weights stored in float16, loaded as float32 on a CPU)."
+    lines = [vocabulary_line(out) if line.startswith("Vocabulary: the ") else line for line in lines]
     card_path.write_text("\n".join(lines))
 
 
@@ -210,12 +214,12 @@ def swap_codec(args) -> None:
     the CSM stays valid). Rewrites the codec, the card's codec bullet and Files line, and, when given, its notes and
     scores; the rest of the card, written from the CSM's training logs, stays."""
     out = Path(args.out)
-    _packaged(out)
+    card_path = _packaged(out)
     codec = load_mimi(args.swap_codec)
     _fits_float16(codec, "the codec")
     shutil.rmtree(out / "codec", ignore_errors=True)
     save_mimi(codec, out / "codec", dtype=STORE)
-    _rewrite_card(args, "- Codec:", codec_lines(codec, Path(args.swap_codec)))
+    _rewrite_card(args, card_path, "- Codec:", codec_lines(codec, Path(args.swap_codec)))
     print(f"wrote {out / 'codec'} and the card ({_mb(out):.1f} MB)")
 
 
@@ -224,7 +228,7 @@ def swap_model(args) -> None:
     the weights, the card's CSM bullet, and adds the --corpus folders it was fine-tuned on to the card's Data and
     their words to vocabulary.txt; the codec and the rest stay."""
     out, checkpoint = Path(args.out), Path(args.swap_model)
-    _packaged(out)
+    card_path = _packaged(out)
     corpora = read_corpora(args.corpus)
     if not (checkpoint / "tokenizer.json").is_file():
         raise SystemExit(f"package_voice.py: {checkpoint} has no tokenizer.json (not a `csm train` checkpoint?)")
@@ -243,7 +247,7 @@ def swap_model(args) -> None:
     if corpora and vocabulary.is_file():
         words = set(vocabulary.read_text().split()) | set(corpus_vocabulary(corpora))
         vocabulary.write_text("".join(w + "\n" for w in sorted(words)))
-    _rewrite_card(args, "- CSM:", model_lines(model, checkpoint), [data_line(p, c) for p, c in corpora])
+    _rewrite_card(args, card_path, "- CSM:", model_lines(model, checkpoint), [data_line(p, c) for p, c in corpora])
     print(f"wrote {out / 'model.safetensors'} and the card ({_mb(out):.1f} MB)")
 
 

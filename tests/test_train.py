@@ -578,6 +578,7 @@ def test_package_voice_script(prepared, micro_config, tmp_path):
     assert ft_card.split("## Models")[1].count("- Codec:") == 1
     assert (out / "vocabulary.txt").read_text().split() == ["bottles", "five", "it's", "maya", "more", "o'clock",
                                                             "please"]
+    assert "Vocabulary: the 7 words of these lines" in ft_card
     # a checkpoint with another tokenizer is refused, and the packaged voice is left as it was
     (tmp_path / "ft" / "step-000002" / "tokenizer.json").write_text("{}")
     r = subprocess.run([sys.executable, str(script), "--swap-model", str(tmp_path / "ft" / "step-000002"), "--out",
