@@ -12,7 +12,6 @@ import torch
 from csm.config import CSMConfig, TransformerConfig, get_config
 from csm.generate import Generator, Request
 from csm.model import CSM
-from csm.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -23,11 +22,6 @@ def fresh_dynamo():
     the tests before it do not use up its recompile limit."""
     torch._dynamo.reset()
     yield
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer(["hello there, how are you?", "fine thanks, and you?"] * 5, vocab_size=300)
 
 
 def requests() -> list[Request]:

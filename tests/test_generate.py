@@ -11,12 +11,6 @@ from csm.config import get_config
 from csm.frames import Segment, audio_frames, text_frames
 from csm.generate import ContextTooLongError, Generator, Speech, sample_topk
 from csm.model import CSM
-from csm.tokenizer import train_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer(["hello there, how are you?", "fine thanks, and you?"] * 5, vocab_size=300)
 
 
 @pytest.fixture(scope="module")
@@ -82,17 +76,17 @@ def test_stops_at_all_zero_frame(tokenizer):
 
 
 def test_stops_when_frame_is_zero_midway(tokenizer, monkeypatch):
-    from csm.generate import _FrameStep
+    from csm.generate import FrameStep
 
     calls = []
-    real = _FrameStep.forward
+    real = FrameStep.forward
 
     def fake(self, *a, **k):
         frame = real(self, *a, **k)
         calls.append(1)
         return frame * 0 if len(calls) == 3 else frame  # the 4th frame (3rd fed-back step) is EOS
 
-    monkeypatch.setattr(_FrameStep, "forward", fake)
+    monkeypatch.setattr(FrameStep, "forward", fake)
     torch.manual_seed(0)
     gen = Generator(CSM(get_config("tiny")), tokenizer)
     assert gen.generate("hello", 0, max_audio_length_ms=2000, seed=0).codes.shape == (32, 3)

@@ -506,7 +506,7 @@ class Report:
         lines.append(f"WER (all words)      {pct(s['wer'])}   (mean per sentence {pct(s['wer_mean'])}; "
                      f"target <= {100 * WER_TARGET:.0f} %{verdict})")
         if "rounds" in s:
-            lines.append(f"WER per round        " + " / ".join(pct(r["wer"]) for r in s["rounds"]) + "   (seeds "
+            lines.append("WER per round        " + " / ".join(pct(r["wer"]) for r in s["rounds"]) + "   (seeds "
                          + ", ".join(str(r["seed"]) for r in s["rounds"]) + ")")
         if s["speaker_trials"]:
             lines.append(f"speaker closer-to-A  {pct(s['speaker_closer_fraction'])} of {s['speaker_trials']} trials "

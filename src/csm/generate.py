@@ -111,7 +111,24 @@ class Speech:
         return self.codes.shape[1] * FRAME_MS / 1000
 
 
-class _FrameStep(nn.Module):
+@dataclass
+class Prepared:
+    """A request ready for the engine (Generator.prepare)."""
+
+    tokens: torch.Tensor  # prompt frames [S, K + 1] long, on the CPU
+    mask: torch.Tensor  # [S, K + 1] bool
+    budget: int  # most frames to generate
+    topk: int  # 1 = greedy
+    temperature: float  # > 0
+    rng: torch.Generator  # the request's own: its draws do not depend on what it is batched with
+    noise_shape: tuple[int, int]  # (codebooks, audio vocab)
+
+    def noise(self) -> torch.Tensor:
+        """One frame's sampling noise [K, vocab] (see sample_topk), drawn from the request's generator."""
+        return torch.empty(self.noise_shape, device=self.rng.device).exponential_(1, generator=self.rng)
+
+
+class FrameStep(nn.Module):
     """The per-frame work with static shapes: a backbone step (frame in -> hidden state), codebook 0 from the
     hidden state, then 31 decoder steps (one per codebook). With `compile`, the backbone step and the decoder step
     are each compiled once by Inductor (codebook indices are tensors, so one compiled decoder step serves all 31);
@@ -205,6 +222,20 @@ class _CUDAGraph:
         return out.clone()  # the next replay overwrites `out`
 
 
+def frame_step_fns(model: CSM, engine: str, backbone_cache: nn.ModuleList,
+                   decoder_cache: nn.ModuleList) -> tuple[FrameStep, Callable, Callable]:
+    """The frame step over these caches, and its two entry points (first frame from the prefill's hidden state;
+    next frame from the previous one) as `engine` runs them: eagerly, compiled, or captured as CUDA graphs."""
+    cuda = model.audio_head.device.type == "cuda"
+    # Eager CPU attends only to the filled cache prefix; the others attend over the full, static length.
+    step = FrameStep(model, backbone_cache, decoder_cache, static=engine != "eager" or cuda,
+                     compile=engine == "compile")
+    first, nxt = step.frame_from_hidden, step.forward
+    if engine == "graph" or (engine == "compile" and cuda):
+        first, nxt = _CUDAGraph(first), _CUDAGraph(nxt)
+    return step, first, nxt
+
+
 ENGINES = ("eager", "graph", "compile")
 GEMVS = ("matmul", "inductor")
 
@@ -251,7 +282,7 @@ class Generator:
 
             inductor_gemv(self.model)
         self.gemv = gemv
-        self._step: tuple[int, _FrameStep, Callable, Callable] | None = None  # (batch size, ...), see _step_fns
+        self._step: tuple[int, FrameStep, Callable, Callable] | None = None  # (batch size, ...), see _step_fns
 
     @property
     def device(self) -> torch.device:
@@ -271,9 +302,9 @@ class Generator:
     def prompt_frames(self, text: str, speaker: int, context: Sequence[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
         """The frames the backbone reads before speaking: every context segment, then the line's text."""
         _check_text(text)
-        self._check_speaker(speaker, "speaker")
+        self.check_speaker(speaker, "speaker")
         for seg in context:
-            self._check_speaker(seg.speaker, "context speaker")
+            self.check_speaker(seg.speaker, "context speaker")
         segments = [self._encoded(seg) for seg in context]
         ctx_tokens, ctx_mask = conversation_frames(self.tokenizer, segments, self.num_codebooks)
         tokens, mask = text_frames(self.tokenizer, text, speaker, self.num_codebooks)
@@ -286,7 +317,7 @@ class Generator:
             return segment
         return Segment(segment.speaker, segment.text, self.encode_audio(audio))
 
-    def _check_speaker(self, speaker: int, what: str) -> None:
+    def check_speaker(self, speaker: int, what: str) -> None:
         if not isinstance(speaker, int) or isinstance(speaker, bool) or speaker < 0:
             raise ValueError(f"{what} must be a non-negative integer, got {speaker!r}")
         if self.speakers is not None and speaker not in self.speakers:
@@ -315,19 +346,28 @@ class Generator:
             )
         return max_frames
 
+    def prepare(self, request: Request) -> Prepared:
+        """A request checked and made ready to run: its prompt frames, frame budget, sampling settings and random
+        generator. Raises ValueError (ContextTooLongError for a prompt + budget over the context) on bad input."""
+        tokens, mask = (self.prompt_frames(request.text, request.speaker, request.context) if request.frames is None
+                        else self._check_frames(request.frames))
+        budget = self._check_budget(len(tokens), request)
+        rng = torch.Generator(device=self.device)
+        rng.manual_seed(request.seed) if request.seed is not None else rng.seed()
+        # Greedy requests (temperature <= 0) become top-1; temperature then only needs to be positive.
+        greedy = request.temperature <= 0
+        return Prepared(tokens, mask, budget, 1 if greedy else max(1, request.topk),
+                        1.0 if greedy else float(request.temperature), rng,
+                        (self.num_codebooks, self.model.cfg.audio_vocab_size))
+
     # --- the engine -------------------------------------------------------------------------------------
-    def _step_fns(self, batch_size: int) -> tuple[_FrameStep, Callable, Callable]:
+    def _step_fns(self, batch_size: int) -> tuple[FrameStep, Callable, Callable]:
         """Caches + the frame functions (graphed or compiled when asked) for this batch size. Only the latest batch
         size's are kept, so caches of an old size do not pile up; a repeated size reuses them (and their capture)."""
         if self._step is None or self._step[0] != batch_size:
-            m, cuda = self.model, self.device.type == "cuda"
-            static = self.engine != "eager" or cuda
-            step = _FrameStep(m, m.backbone.new_cache(batch_size), m.decoder.new_cache(batch_size),
-                              static=static, compile=self.engine == "compile")
-            first, nxt = step.frame_from_hidden, step.forward
-            if self.engine == "graph" or (self.engine == "compile" and cuda):
-                first, nxt = _CUDAGraph(first), _CUDAGraph(nxt)
-            self._step = (batch_size, step, first, nxt)
+            m = self.model
+            self._step = (batch_size, *frame_step_fns(m, self.engine, m.backbone.new_cache(batch_size),
+                                                      m.decoder.new_cache(batch_size)))
         return self._step[1:]
 
     @torch.inference_mode()
@@ -338,21 +378,15 @@ class Generator:
         """
         if not requests:
             raise ValueError("no requests")
-        prompts = [self.prompt_frames(r.text, r.speaker, r.context) if r.frames is None else self._check_frames(r.frames)
-                   for r in requests]
-        budgets = [self._check_budget(len(p[0]), r) for p, r in zip(prompts, requests)]
+        prepared = [self.prepare(r) for r in requests]
+        prompts, budgets = [(p.tokens, p.mask) for p in prepared], [p.budget for p in prepared]
         b, dev, k = len(requests), self.device, self.num_codebooks
-        vocab = self.model.cfg.audio_vocab_size
-        # Greedy rows (temperature <= 0) become top-1; temperature then only needs to be positive.
-        topk = torch.tensor([[1 if r.temperature <= 0 else max(1, r.topk)] for r in requests], device=dev)
-        temperature = torch.tensor([[r.temperature if r.temperature > 0 else 1.0] for r in requests], device=dev)
+        topk = torch.tensor([[p.topk] for p in prepared], device=dev)
+        temperature = torch.tensor([[p.temperature] for p in prepared], device=dev)
         max_topk = int(topk.max())
-        rngs = [torch.Generator(device=dev) for _ in requests]
-        for g, r in zip(rngs, requests):
-            g.manual_seed(r.seed) if r.seed is not None else g.seed()
 
         def noise() -> torch.Tensor:  # one row per request from its own generator: seeds stay per request
-            return torch.stack([torch.empty(k, vocab, device=dev).exponential_(1, generator=g) for g in rngs])
+            return torch.stack([p.noise() for p in prepared])
 
         step, first_frame, next_frame = self._step_fns(b)
         lengths = [len(p[0]) for p in prompts]
@@ -474,8 +508,7 @@ class Generator:
         parts: list[Speech] = []
         for i, (speaker, text) in enumerate(tqdm(turns, unit="turn", leave=False, disable=not progress)):
             lines, spk, _ = self._long_setup(text, speaker, (), max_words, pause_ms)
-            while history and not self._fits(lines, spk, [*context, *history], max_audio_length_ms):
-                history.pop(0)
+            history = self.fit_history(text, spk, context, history, (), max_audio_length_ms, max_words)
             speech = self.generate_long(text, spk, [*context, *history], max_audio_length_ms, temperature, topk,
                                         None if seed is None else seed + 1000 * i, max_words=max_words,
                                         pause_ms=pause_ms)
@@ -483,6 +516,17 @@ class Generator:
                 history.append(Segment(spk, " ".join(lines), speech.codes))
                 parts.append(speech)
         return self._joined(parts, pause_ms)
+
+    def fit_history(self, text: str, speaker: int | None, before: Sequence[Segment], history: Sequence[Segment],
+                    after: Sequence[Segment] = (), max_audio_length_ms: float = 10_000,
+                    max_words: int | None = None) -> list[Segment]:
+        """The latest turns of `history` that fit in the context between `before` and `after` (all as codes), so
+        that each sentence of `text` still fits the backbone with its generation budget: the oldest go first."""
+        lines, spk, _ = self._long_setup(text, speaker, (), max_words, 0)
+        history = list(history)
+        while history and not self._fits(lines, spk, [*before, *history, *after], max_audio_length_ms):
+            history.pop(0)
+        return history
 
     def _fits(self, lines: list[str], speaker: int, context: list[Segment], max_audio_length_ms: float) -> bool:
         """Whether every line fits the backbone's context after `context`, with its generation budget."""
@@ -520,9 +564,13 @@ class Generator:
         max_words: int | None = None,
         pause_ms: float = 200,
         chain: bool = True,
+        source: Callable[[Request], Iterator[torch.Tensor]] | None = None,
     ) -> Iterator[torch.Tensor]:
         """`generate_long` as a stream: audio chunks [T] as `stream` yields them, sentence after sentence, with the
-        pause as a chunk of its own between sentences. The chunks concatenate to generate_long's audio."""
+        pause as a chunk of its own between sentences. The chunks concatenate to generate_long's audio.
+
+        source: what runs each sentence's request, yielding its frames [K] (default: this generator, alone; the
+        server passes its continuous batcher's, which gives the same frames)."""
         if self.codec is None:
             raise ValueError("streaming audio needs a codec")
         lines, spk, context = self._long_setup(text, speaker, context, max_words, pause_ms)
@@ -531,7 +579,7 @@ class Generator:
         for i, line in enumerate(lines):
             req = self._line_request(line, i, spk, context, previous, max_audio_length_ms, temperature, topk, seed)
             frames: list[torch.Tensor] = []
-            for j, chunk in enumerate(self._stream(req, chunk_frames, frames)):
+            for j, chunk in enumerate(self._stream(req, chunk_frames, frames, source)):
                 if j == 0 and spoken:
                     yield self._pause(pause_ms)
                 yield chunk
@@ -593,21 +641,27 @@ class Generator:
         decoded by the codec's streaming decoder, so the concatenation equals the one-shot decode."""
         yield from self._stream(request, chunk_frames)
 
-    def _stream(self, request: Request, chunk_frames: int,
-                frames: list[torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
-        """stream(), also appending the line's frames [K] (on the CPU) to `frames` when given."""
+    def frames(self, request: Request) -> Iterator[torch.Tensor]:
+        """One request's frames [K], as they are made, until its end of utterance or budget."""
+        for step, active in self.iter_frames([request]):
+            if not bool(active[0]):
+                return
+            yield step[0]
+
+    def _stream(self, request: Request, chunk_frames: int, frames: list[torch.Tensor] | None = None,
+                source: Callable[[Request], Iterator[torch.Tensor]] | None = None) -> Iterator[torch.Tensor]:
+        """stream(), also appending the line's frames [K] (on the CPU) to `frames` when given; `source` as in
+        stream_long."""
         if self.codec is None:
             raise ValueError("streaming audio needs a codec")
         if chunk_frames < 1:
             raise ValueError("chunk_frames must be at least 1")
         decoder = self.codec.decode_stream(1)
         pending: list[torch.Tensor] = []
-        for step, active in self.iter_frames([request]):
-            if not bool(active[0]):
-                break
-            pending.append(step[0])
+        for frame in (source or self.frames)(request):
+            pending.append(frame)
             if frames is not None:
-                frames.append(step[0].cpu())
+                frames.append(frame.cpu())
             if len(pending) == chunk_frames:
                 yield self._stream_chunk(decoder, pending)
                 pending = []

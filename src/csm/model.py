@@ -82,6 +82,14 @@ class KVCache(nn.Module):
         self.kv[:, batch, :, input_pos] = torch.stack([k, v]).permute(1, 3, 0, 2, 4)
         return self.kv[0], self.kv[1]
 
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache over batch rows start..stop-1 that shares this one's memory (a view, no copy): lets one row be
+        prefilled on its own, or a step run over only the first rows, while the others keep their entries."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.register_buffer("kv", self.kv[:, start:stop], persistent=False)
+        return view
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
@@ -236,6 +244,11 @@ class Transformer(nn.Module):
             else:
                 x = layer(x, cos, sin, input_pos, bias, layer_cache)
         return self.norm(x)
+
+
+def cache_rows(cache: nn.ModuleList, start: int, stop: int) -> nn.ModuleList:
+    """Per-layer views (`KVCache.rows`) of a cache from `Transformer.new_cache` over batch rows start..stop-1."""
+    return nn.ModuleList(layer.rows(start, stop) for layer in cache)
 
 
 def causal_mask(input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
