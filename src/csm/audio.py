@@ -6,6 +6,7 @@ job says which one it was.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -20,20 +21,28 @@ class AudioError(ValueError):
 
 
 def load_audio(
-    path: str | os.PathLike, sample_rate: int = 24_000, *, max_seconds: float | None = DEFAULT_MAX_SECONDS
+    path: str | os.PathLike | bytes, sample_rate: int = 24_000, *, max_seconds: float | None = DEFAULT_MAX_SECONDS,
+    name: str = "audio data",
 ) -> torch.Tensor:
-    """Read an audio file as mono float32 at `sample_rate`: a [T] tensor in [-1, 1] for PCM files.
+    """Read an audio file (a path, or the file's bytes, called `name` in errors) as mono float32 at `sample_rate`:
+    a [T] tensor in [-1, 1] for PCM files.
 
     Channels are averaged; other rates are resampled with soxr (very high quality). `max_seconds=None` lifts the
     length limit.
     """
     import soundfile as sf
 
-    path = Path(path)
-    if not path.is_file():
-        raise AudioError(f"{path}: no such audio file")
+    if isinstance(path, bytes):
+        data = path
+        opened = lambda: io.BytesIO(data)  # noqa: E731 (soundfile reads a file object from where it stands)
+        path = name
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise AudioError(f"{path}: no such audio file")
+        opened = lambda: str(path)  # noqa: E731
     try:
-        info = sf.info(str(path))
+        info = sf.info(opened())
     except Exception as e:
         raise AudioError(f"{path}: not a readable audio file ({type(e).__name__}: {e})") from e
     if max_seconds is not None and info.samplerate > 0 and info.frames / info.samplerate > max_seconds:
@@ -41,7 +50,7 @@ def load_audio(
             f"{path}: {info.frames / info.samplerate:.1f} s of audio is longer than the limit of {max_seconds:.0f} s"
         )
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)  # [T, C]
+        data, sr = sf.read(opened(), dtype="float32", always_2d=True)  # [T, C]
     except Exception as e:
         raise AudioError(f"{path}: could not decode audio ({type(e).__name__}: {e})") from e
     if data.size == 0:
@@ -75,3 +84,90 @@ def save_audio(path: str | os.PathLike, wav: torch.Tensor | np.ndarray, sample_r
         sf.write(str(path), np.clip(x, -1.0, 1.0).T, sample_rate)
     except Exception as e:
         raise AudioError(f"{path}: could not write audio ({type(e).__name__}: {e})") from e
+
+
+# The formats StreamEncoder writes (OpenAI's names): soundfile (format, subtype) and the HTTP content type.
+STREAM_FORMATS = {
+    "wav": (None, None, "audio/wav"),  # written by hand: a header with an open length, then 16-bit PCM
+    "pcm": (None, None, "audio/pcm"),  # raw 16-bit little-endian mono, as OpenAI's "pcm"
+    "mp3": ("MP3", None, "audio/mpeg"),
+    "opus": ("OGG", "OPUS", "audio/ogg"),
+    "flac": ("FLAC", "PCM_16", "audio/flac"),  # whole file at the end: readers need its sample count up front
+}
+
+
+class _Appended:
+    """A write-only file that keeps what was appended since the last `take()`. The MP3 encoder seeks back at the
+    end to fill in its info frame; bytes already taken were sent and stay a silent frame, which is what a stream of
+    unknown length looks like (and, at a constant bit rate, readers still get the length right)."""
+
+    def __init__(self) -> None:
+        self.buf, self.pos, self.taken = bytearray(), 0, 0
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        self.buf[self.pos : self.pos + len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = offset if whence == 0 else self.pos + offset if whence == 1 else len(self.buf) + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:  # soundfile asks for it; an encoder never reads
+        return b""
+
+    def take(self) -> bytes:
+        out = bytes(self.buf[self.taken :])
+        self.taken = len(self.buf)
+        return out
+
+
+class StreamEncoder:
+    """Encodes audio chunks as they come: `write(chunk)` returns the bytes ready to send (maybe none), `close()`
+    the rest. fmt: one of STREAM_FORMATS."""
+
+    def __init__(self, fmt: str, sample_rate: int = 24_000) -> None:
+        if fmt not in STREAM_FORMATS:
+            raise AudioError(f"unsupported audio format {fmt!r}; choose one of {', '.join(STREAM_FORMATS)}")
+        self.fmt, self.sample_rate = fmt, sample_rate
+        self.content_type = STREAM_FORMATS[fmt][2]
+        self._header = fmt == "wav"
+        self._file = self._sink = None
+        if fmt in ("mp3", "opus", "flac"):
+            import soundfile as sf
+
+            format_, subtype, _ = STREAM_FORMATS[fmt]
+            self._sink = io.BytesIO() if fmt == "flac" else _Appended()
+            extra = dict(bitrate_mode="CONSTANT", compression_level=0.5) if fmt == "mp3" else {}  # 80 kb/s
+            self._file = sf.SoundFile(self._sink, "w", sample_rate, 1, format=format_, subtype=subtype, **extra)
+
+    def write(self, chunk: torch.Tensor | np.ndarray) -> bytes:
+        x = chunk.detach().float().cpu().numpy() if isinstance(chunk, torch.Tensor) else np.asarray(chunk, np.float32)
+        x = np.clip(np.nan_to_num(x.reshape(-1), nan=0.0), -1.0, 1.0)
+        if self._file is not None:
+            self._file.write(x)
+            return b"" if self.fmt == "flac" else self._sink.take()
+        pcm = (x * 32767).round().astype("<i2").tobytes()
+        if self._header:
+            self._header = False
+            return _wav_header(self.sample_rate) + pcm
+        return pcm
+
+    def close(self) -> bytes:
+        if self._file is not None:
+            self._file.close()
+            return self._sink.getvalue() if self.fmt == "flac" else self._sink.take()
+        return _wav_header(self.sample_rate) if self._header else b""
+
+
+def _wav_header(sample_rate: int) -> bytes:
+    """A 16-bit mono WAV header whose lengths say "unknown" (0xFFFFFFFF), for a stream whose end is not known yet."""
+    import struct
+
+    return (b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVEfmt " +
+            struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16) +
+            b"data" + struct.pack("<I", 0xFFFFFFFF))
