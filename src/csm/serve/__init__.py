@@ -1,0 +1,1 @@
+"""Serving: continuous batching (batcher.py) and the OpenAI-compatible HTTP server (server.py)."""

@@ -1,0 +1,418 @@
+"""An HTTP server speaking OpenAI's text-to-speech API (`POST /v1/audio/speech`), with conversation context.
+
+`SpeechService` is the whole behaviour without HTTP: it checks a request body, picks the voice and context, and
+yields encoded audio as the continuous batcher makes frames (each sentence in the context of the one before, as
+`csm say` speaks). The handler below only moves bytes: every response is streamed (chunked transfer, or server-sent
+events with `"stream_format": "sse"`), and everything that can be wrong with a request is found before the first
+byte, so it gets a 4xx with OpenAI's error body while the server goes on serving.
+
+Beyond OpenAI's fields (`model`, `input`, `voice`, `response_format`, `speed`, `stream_format`), a request may carry
+`context` (earlier turns: speaker or voice, text, and audio as base64 file bytes or Mimi codes) and `conversation`
+(an id: the server keeps the turns it spoke under it, with the turns given as context, and speaks the next request
+after them); `seed`, `temperature`, `topk` and `max_audio_length_ms` (per sentence) steer generation.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..audio import STREAM_FORMATS, AudioError, StreamEncoder, load_audio
+from ..frames import Segment
+from ..generate import ContextTooLongError, Generator
+from .batcher import Batcher, Busy
+
+# OpenAI's built-in voice names, given to the model's speaker ids in this order so that clients which hard-code
+# them work; a voices file (`csm serve --voices`) names voices of its own.
+OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse")
+MAX_INPUT_CHARS = 4096  # OpenAI's limit on `input`
+MAX_BODY_BYTES = 32 << 20  # context audio travels as base64 inside the JSON body
+MAX_CONVERSATIONS = 256  # kept in memory, least recently used dropped first
+
+
+class ApiError(Exception):
+    """A request the server cannot serve: HTTP status + an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+
+
+@dataclass
+class Voice:
+    speaker: int
+    context: list[Segment] = field(default_factory=list)  # a prompt turn that fixes the voice (codes)
+    description: str = ""
+
+
+@dataclass
+class SpeechJob:
+    """A checked request: what to say, how, and where the audio goes."""
+
+    text: str
+    speaker: int
+    prompt: list[Segment]  # the voice's own prompt turn, if it has one: always first
+    context: list[Segment]  # the request's earlier turns
+    fmt: str
+    sse: bool
+    conversation: str | None
+    options: dict  # max_audio_length_ms, temperature, topk, seed
+
+
+class SpeechService:
+    """The server's behaviour: request checking, voices, conversations, and the audio stream of a request."""
+
+    def __init__(self, gen: Generator, batcher: Batcher, *, voices: dict[str, Voice] | None = None,
+                 model_name: str = "csm", chunk_frames: int = 4) -> None:
+        if gen.codec is None:
+            raise ValueError("the server speaks audio and needs a codec with the model (--codec)")
+        self.gen, self.batcher, self.model_name, self.chunk_frames = gen, batcher, model_name, chunk_frames
+        self.voices = dict(voices) if voices else default_voices(gen)
+        self.conversations: collections.OrderedDict[str, list[Segment]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    # --- checking a request ----------------------------------------------------------------------------
+    def parse(self, body: object) -> SpeechJob:
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        unknown = set(body) - {"model", "input", "voice", "response_format", "speed", "stream_format",
+                               "instructions", "context", "conversation", "seed", "temperature", "topk",
+                               "max_audio_length_ms"}
+        if unknown:
+            raise ApiError(400, f"unknown field(s) {sorted(unknown)}", sorted(unknown)[0])
+        text = body.get("input")
+        if not isinstance(text, str) or not text.strip():
+            raise ApiError(400, "'input' must be a non-empty string: the text to speak", "input")
+        if len(text) > MAX_INPUT_CHARS:
+            raise ApiError(400, f"'input' is {len(text)} characters, over the limit of {MAX_INPUT_CHARS}", "input")
+        voice = self.voice(body.get("voice"))
+        fmt = body.get("response_format", "mp3")
+        if fmt not in STREAM_FORMATS:
+            raise ApiError(400, f"response_format {fmt!r} is not supported; choose one of "
+                                f"{', '.join(STREAM_FORMATS)}", "response_format")
+        speed = body.get("speed", 1.0)
+        if not isinstance(speed, (int, float)) or isinstance(speed, bool) or speed != 1.0:
+            raise ApiError(400, f"speed {speed!r} is not supported: CSM speaks at its own pace (only 1.0)", "speed")
+        stream_format = body.get("stream_format", "audio")
+        if stream_format not in ("audio", "sse"):
+            raise ApiError(400, f"stream_format must be 'audio' or 'sse', got {stream_format!r}", "stream_format")
+        if body.get("instructions"):
+            raise ApiError(400, "'instructions' are not supported: CSM takes its style from the conversation; "
+                                "pass earlier turns as 'context' instead", "instructions")
+        conversation = body.get("conversation")
+        if conversation is not None and (not isinstance(conversation, str) or not conversation or
+                                         len(conversation) > 200):
+            raise ApiError(400, "'conversation' must be a non-empty string id of at most 200 characters",
+                           "conversation")
+        options = {"max_audio_length_ms": _number(body, "max_audio_length_ms", 10_000, 80, 60_000),
+                   "temperature": _number(body, "temperature", None, 0, 10),
+                   "topk": _integer(body, "topk", None, 1, self.gen.model.cfg.audio_vocab_size),
+                   "seed": _integer(body, "seed", None, 0, 2**63 - 1)}
+        return SpeechJob(text, voice.speaker, voice.context, self._context(body.get("context")), fmt,
+                         stream_format == "sse", conversation, options)
+
+    def voice(self, name: object) -> Voice:
+        """A voice by name (a voices-file name, an OpenAI name, or a speaker id); None: the model's default."""
+        if name is None:
+            return Voice(self.gen.defaults["speaker"])
+        if isinstance(name, dict):  # OpenAI's custom-voice form: {"id": "..."}
+            name = name.get("id")
+        key = str(name) if isinstance(name, (str, int)) and not isinstance(name, bool) else None
+        if key in self.voices:
+            return self.voices[key]
+        if key is not None and key.isdigit() and self.gen.speakers is None:  # a model that takes any speaker id
+            return Voice(int(key))
+        raise ApiError(400, f"unknown voice {name!r}; this server has: {', '.join(self.voices)}", "voice")
+
+    def _context(self, turns: object) -> list[Segment]:
+        if turns is None:
+            return []
+        if not isinstance(turns, list):
+            raise ApiError(400, "'context' must be a list of turns", "context")
+        out = []
+        for i, turn in enumerate(turns):
+            where = f"context[{i}]"
+            if not isinstance(turn, dict) or not isinstance(turn.get("text"), str) or not turn["text"].strip():
+                raise ApiError(400, f"{where} must be an object with a non-empty 'text'", "context")
+            if "voice" in turn:
+                speaker = self.voice(turn["voice"]).speaker
+            elif isinstance(turn.get("speaker"), int) and not isinstance(turn["speaker"], bool):
+                speaker = turn["speaker"]
+            else:
+                raise ApiError(400, f"{where} needs a 'speaker' id or a 'voice'", "context")
+            out.append(Segment(speaker, turn["text"], self._turn_audio(turn, where)))
+        return out
+
+    def _turn_audio(self, turn: dict, where: str) -> torch.Tensor | None:
+        """A context turn's audio as Mimi codes [K, F]: 'audio' (base64 bytes of an audio file, any format soundfile
+        reads) or 'codes' (lists of ints); neither: a text-only turn."""
+        if "audio" in turn:
+            try:
+                data = base64.b64decode(turn["audio"], validate=True)
+            except (binascii.Error, TypeError, ValueError):
+                raise ApiError(400, f"{where}.audio is not valid base64", "context") from None
+            try:
+                wav = load_audio(data, self.gen.sample_rate, max_seconds=120, name=f"{where}.audio")
+            except AudioError as e:
+                raise ApiError(400, str(e), "context") from None
+            return self.gen.encode_audio(wav)
+        if "codes" in turn:
+            try:
+                codes = torch.tensor(turn["codes"], dtype=torch.long)
+            except (TypeError, ValueError, RuntimeError):
+                codes = None
+            k, vocab = self.gen.num_codebooks, self.gen.model.cfg.audio_vocab_size
+            if codes is None or codes.ndim != 2 or codes.shape[0] != k or codes.shape[1] == 0 or \
+                    codes.min() < 0 or codes.max() >= vocab:
+                raise ApiError(400, f"{where}.codes must be {k} lists of frame codes in [0, {vocab})", "context")
+            return codes
+        return None
+
+    # --- speaking ---------------------------------------------------------------------------------------
+    def speak(self, job: SpeechJob) -> Iterator[bytes]:
+        """The request's audio, encoded, as the frames come. The first item is ready before it returns, so errors
+        in the request (a context too long, ...) raise here, before a response has started."""
+        frames: list[torch.Tensor] = []
+        try:
+            context, spoken = self._fit(job, self._history(job))
+            chunks = self.gen.stream_long(job.text, job.speaker, context, chunk_frames=self.chunk_frames,
+                                          source=self._recording(frames), **job.options)
+            first = next(chunks, None)
+        except ContextTooLongError as e:
+            raise ApiError(400, str(e), "context") from None
+        except Busy as e:
+            raise ApiError(503, f"the server is busy ({e}); try again shortly", kind="server_busy") from None
+        except ValueError as e:  # a speaker the model does not know, ...
+            raise ApiError(400, str(e)) from None
+        return self._encoded(job, first, chunks, StreamEncoder(job.fmt, self.gen.sample_rate), frames, spoken)
+
+    def _encoded(self, job: SpeechJob, first, chunks, encoder: StreamEncoder, frames: list, spoken: list):
+        try:
+            if first is not None:
+                yield encoder.write(first)
+                for chunk in chunks:
+                    yield encoder.write(chunk)
+            yield encoder.close()
+        finally:
+            chunks.close()  # a client that hung up: the batcher's job is cancelled
+        if job.conversation is not None and frames:
+            turn = Segment(job.speaker, job.text, torch.stack(frames, dim=1))
+            self._remember(job.conversation, [*spoken, turn])
+
+    def _recording(self, frames: list[torch.Tensor]):
+        """The batcher as stream_long's source, keeping every frame spoken (for the conversation's memory)."""
+        def source(request):
+            for frame in self.batcher.frames(request):
+                frames.append(frame)
+                yield frame
+        return source
+
+    def _history(self, job: SpeechJob) -> list[Segment]:
+        if job.conversation is None:
+            return []
+        with self._lock:
+            return list(self.conversations.get(job.conversation, []))
+
+    def _fit(self, job: SpeechJob, history: list[Segment]) -> tuple[list[Segment], list[Segment]]:
+        """The context to speak after (the voice's prompt, then the conversation's latest turns that fit, then the
+        request's own turns) and the turns to remember before the new one. The oldest turns are left out when the
+        longest sentence would not fit beside them, as `Generator.generate_dialogue` does."""
+        history = self.gen.fit_history(job.text, job.speaker, job.prompt, history, job.context,
+                                       job.options["max_audio_length_ms"])
+        return [*job.prompt, *history, *job.context], [*history, *job.context]
+
+    def _remember(self, conversation: str, turns: list[Segment]) -> None:
+        with self._lock:
+            self.conversations[conversation] = turns
+            self.conversations.move_to_end(conversation)
+            while len(self.conversations) > MAX_CONVERSATIONS:
+                self.conversations.popitem(last=False)
+
+
+def default_voices(gen: Generator) -> dict[str, Voice]:
+    """The model's speakers by id ("0", "1", ...) and by OpenAI's names in order: its listed speakers, or the first
+    eleven ids of a model that lists none (CSM-1B: any id works, and a context turn fixes the voice)."""
+    ids = sorted(gen.speakers) if gen.speakers is not None else list(range(len(OPENAI_VOICES)))
+    described = gen.speakers or {}
+    voices = {str(i): Voice(i, description=described.get(i, "")) for i in ids}
+    for name, i in zip(OPENAI_VOICES, ids):
+        voices[name] = Voice(i, description=f"speaker {i}" + (f": {described[i]}" if i in described else ""))
+    return voices
+
+
+def load_voices(path: str | Path, gen: Generator) -> dict[str, Voice]:
+    """A voices file: {"name": {"speaker": 0, "text": "what the prompt says", "audio": "prompt.wav",
+    "description": "..."}, ...}; "text" + "audio" (relative to the file) are optional and make a prompt turn
+    that fixes the voice. The model's own voices stay available beside them."""
+    path = Path(path)
+    try:
+        listed = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the voices file ({e})") from None
+    if not isinstance(listed, dict) or not listed:
+        raise ValueError(f"{path}: expected a JSON object of voices by name")
+    voices = default_voices(gen)
+    for name, spec in listed.items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("speaker"), int):
+            raise ValueError(f"{path}: voice {name!r} needs an integer 'speaker'")
+        gen.check_speaker(spec["speaker"], f"voice {name!r}: speaker")
+        context = []
+        if "audio" in spec or "text" in spec:
+            if not isinstance(spec.get("text"), str) or not isinstance(spec.get("audio"), str):
+                raise ValueError(f"{path}: voice {name!r} needs both 'text' and 'audio' for its prompt")
+            wav = load_audio(path.parent / spec["audio"], gen.sample_rate)
+            context = [Segment(spec["speaker"], spec["text"], gen.encode_audio(wav))]
+        voices[name] = Voice(spec["speaker"], context, str(spec.get("description", "")))
+    return voices
+
+
+def _number(body: dict, key: str, default, low: float, high: float):
+    value = body.get(key, default)
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+        raise ApiError(400, f"'{key}' must be a number in [{low}, {high}], got {value!r}", key)
+    return float(value)
+
+
+def _integer(body: dict, key: str, default, low: int, high: int):
+    value = body.get(key, default)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ApiError(400, f"'{key}' must be an integer in [{low}, {high}], got {value!r}", key)
+    return value
+
+
+# --- HTTP ---------------------------------------------------------------------------------------------------
+class Handler(BaseHTTPRequestHandler):
+    """One HTTP request. The service is the server's (`make_server`); responses stream with chunked transfer."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "csm"
+    server: "SpeechServer"
+
+    def do_GET(self) -> None:
+        svc = self.server.service
+        if self.path == "/health":
+            return self._json(200, {"status": "ok", **svc.batcher.stats()})
+        if self.path == "/v1/models":
+            return self._json(200, {"object": "list", "data": [
+                {"id": svc.model_name, "object": "model", "created": 0, "owned_by": "csm"}]})
+        if self.path == "/v1/audio/voices":
+            return self._json(200, {"voices": [{"id": name, "speaker": v.speaker, "description": v.description,
+                                                "prompt": bool(v.context)} for name, v in svc.voices.items()]})
+        if self.path == "/v1/audio/speech":
+            return self._error(ApiError(405, "use POST for /v1/audio/speech"))
+        self._error(ApiError(404, f"no such endpoint: GET {self.path}"))
+
+    def do_POST(self) -> None:
+        if self.path != "/v1/audio/speech":
+            return self._error(ApiError(404, f"no such endpoint: POST {self.path}"))
+        try:
+            job = self.server.service.parse(self._body())
+            audio = self.server.service.speak(job)
+        except ApiError as e:
+            return self._error(e)
+        except Exception as e:  # a bug or the device failing: this request fails, the server stays up
+            self.log_error("speech request failed: %r", e)
+            return self._error(ApiError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error"))
+        self._stream(job, audio)
+
+    def _body(self) -> object:
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            raise ApiError(411, "a Content-Length header is required") from None
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True  # the unread body would be taken for the next request
+            raise ApiError(413, f"the request body is {length} bytes, over the limit of {MAX_BODY_BYTES}")
+        raw = self.rfile.read(length)
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+
+    def _stream(self, job: SpeechJob, audio: Iterator[bytes]) -> None:
+        t0, sent = time.perf_counter(), 0
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream" if job.sse else STREAM_FORMATS[job.fmt][2])
+        unknown = self.server.service.gen.unknown_words(job.text)
+        if unknown:  # a small voice mumbles words it never heard: say which (ASCII, as headers must be)
+            self.send_header("X-CSM-Unknown-Words", ",".join(unknown).encode("ascii", "replace").decode())
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        try:
+            for data in audio:
+                if data:
+                    sent += len(data)
+                    self._chunk(_sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+                                if job.sse else data)
+            if job.sse:
+                self._chunk(_sse({"type": "speech.audio.done", "usage": {"input_tokens": len(job.text),
+                                                                         "output_tokens": sent,
+                                                                         "total_tokens": len(job.text) + sent}}))
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):  # the client hung up: stop generating for it
+            self.close_connection = True
+        except Exception as e:  # mid-stream the status is sent: end the response without its last chunk
+            self.log_error("speech stream failed: %r", e)
+            self.close_connection = True
+        finally:
+            audio.close()
+        self.log_message("spoke %d chars as %s in %.2f s", len(job.text), job.fmt, time.perf_counter() - t0)
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def _json(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, e: ApiError) -> None:
+        self._json(e.status, e.body())
+
+    def log_message(self, format: str, *args) -> None:
+        if not self.server.quiet:
+            super().log_message(format, *args)
+
+
+def _sse(event: dict) -> bytes:
+    return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+
+class SpeechServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], service: SpeechService, quiet: bool = False) -> None:
+        super().__init__(address, Handler)
+        self.service, self.quiet = service, quiet
+
+
+def make_server(gen: Generator, host: str = "127.0.0.1", port: int = 8000, *, slots: int = 8,
+                voices: dict[str, Voice] | None = None, model_name: str = "csm", chunk_frames: int = 4,
+                quiet: bool = False) -> SpeechServer:
+    """A ready server (port 0: any free port; `server.server_address` says which) with its batcher started.
+    `serve_forever()` runs it; `shutdown()` then `server.service.batcher.close()` stop it."""
+    batcher = Batcher(gen, slots=slots).start()
+    service = SpeechService(gen, batcher, voices=voices, model_name=model_name, chunk_frames=chunk_frames)
+    return SpeechServer((host, port), service, quiet=quiet)

@@ -1,0 +1,259 @@
+"""Continuous batching and the OpenAI-compatible server, on a tiny random model and codec.
+
+The oracle for every generated frame is the generator running the request alone (`Generator.generate_batch`,
+`generate_long`): a request must come out the same whatever it was batched with, and however it was delivered.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import socket
+import threading
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from csm.config import get_config
+from csm.frames import Segment
+from csm.generate import ContextTooLongError, Generator, Request
+from csm.mimi import Mimi, preset
+from csm.model import CSM
+from csm.serve.batcher import Batcher, Busy
+from csm.serve.server import make_server
+
+
+@pytest.fixture(scope="module")
+def gen(tokenizer):
+    torch.manual_seed(0)
+    codec = Mimi(replace(preset("tiny"), num_codebooks=32, codebook_size=2048)).eval()
+    return Generator(CSM(get_config("tiny")), tokenizer, codec)
+
+
+def _codes(seed: int, frames: int) -> torch.Tensor:
+    return torch.randint(1, 2048, (32, frames), generator=torch.Generator().manual_seed(seed))
+
+
+REQUESTS = [
+    Request("hello there", 0, max_audio_length_ms=560, topk=1),  # greedy
+    Request("how are you?", 1, context=[Segment(1, "fine thanks", _codes(2, 6))], max_audio_length_ms=400, seed=5),
+    Request("fine", 0, max_audio_length_ms=240, temperature=0.7, topk=20, seed=9),
+    Request("and you?", 1, max_audio_length_ms=800, seed=3),
+]
+
+
+def test_batched_requests_joining_at_any_frame_equal_their_runs_alone(gen):
+    alone = [gen.generate_batch([r])[0].codes for r in REQUESTS]
+    assert {a.shape[1] for a in alone} != {0}
+    b = Batcher(gen, slots=2)
+    jobs = [b.submit(REQUESTS[0]), b.submit(REQUESTS[1])]
+    b.step()
+    b.step()
+    jobs += [b.submit(REQUESTS[2]), b.submit(REQUESTS[3])]  # wait for a slot, then join mid-flight
+    assert b.stats() == {"slots": 2, "busy": 2, "waiting": 2}
+    for _ in range(30):
+        b.step()
+    assert b.stats() == {"slots": 2, "busy": 0, "waiting": 0}
+    for job, want in zip(jobs, alone):
+        got = list(job)
+        assert torch.equal(torch.stack(got, 1) if got else torch.zeros(32, 0, dtype=torch.long), want)
+
+
+def test_batcher_thread_serves_concurrent_callers(gen):
+    alone = [gen.generate_batch([r])[0].codes for r in REQUESTS]
+    b = Batcher(gen, slots=3).start()
+    results: dict[int, torch.Tensor] = {}
+
+    def run(i: int) -> None:
+        frames = list(b.frames(REQUESTS[i]))
+        results[i] = torch.stack(frames, 1) if frames else torch.zeros(32, 0, dtype=torch.long)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(REQUESTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    b.close()
+    assert all(torch.equal(results[i], alone[i]) for i in range(len(REQUESTS)))
+
+
+def test_cancel_frees_the_slot_and_bad_requests_fail_at_submit(gen):
+    b = Batcher(gen, slots=1, max_waiting=1)
+    long = Request("hello there", 0, max_audio_length_ms=4000, topk=1)
+    job = b.submit(long)
+    b.step()
+    assert b.stats()["busy"] == 1
+    job.cancel()
+    b.step()
+    assert b.stats()["busy"] == 0
+    assert len(list(job)) >= 1  # the frames made before the cancel, then the end
+    with pytest.raises(ContextTooLongError):
+        b.submit(Request("hello", 0, max_audio_length_ms=10_000_000))
+    with pytest.raises(ValueError, match="empty"):
+        b.submit(Request(" ", 0))
+    b.submit(long)
+    with pytest.raises(Busy):
+        b.submit(long)
+
+
+# --- the HTTP server -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(gen):
+    srv = make_server(gen, port=0, slots=4, quiet=True)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.service.batcher.close()
+
+
+def _post(server, body, raw: bytes | None = None):
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=120)
+    conn.request("POST", "/v1/audio/speech", raw if raw is not None else json.dumps(body),
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp, data
+
+
+def _get(server, path):
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+    conn.request("GET", path)
+    resp = conn.getresponse()
+    out = resp.status, json.loads(resp.read())
+    conn.close()
+    return out
+
+
+def _pcm16(audio: torch.Tensor) -> np.ndarray:
+    return (np.clip(audio.numpy(), -1, 1) * 32767).round().astype(np.int16)
+
+
+LINE = {"input": "Hello there. How are you?", "voice": "1", "seed": 11, "max_audio_length_ms": 640}
+
+
+def test_speech_streams_the_generators_audio(server, gen):
+    want = gen.generate_long(LINE["input"], 1, max_audio_length_ms=640, seed=11)
+    assert want.audio is not None
+    resp, data = _post(server, {**LINE, "response_format": "pcm"})
+    assert resp.status == 200 and resp.getheader("Transfer-Encoding") == "chunked"
+    got = np.frombuffer(data, "<i2")
+    assert len(got) == len(want.audio) and np.abs(got.astype(int) - _pcm16(want.audio)).max() <= 1
+    # wav: the same samples behind a header; "alloy" is speaker 0
+    resp, data = _post(server, {**LINE, "voice": "alloy", "response_format": "wav"})
+    wav, sr = sf.read(io.BytesIO(data), dtype="int16")
+    zero = gen.generate_long(LINE["input"], 0, max_audio_length_ms=640, seed=11)
+    assert sr == 24_000 and np.abs(wav.astype(int) - _pcm16(zero.audio)).max() <= 1
+    # server-sent events: base64 deltas of the same bytes, then a done event
+    resp, data = _post(server, {**LINE, "response_format": "pcm", "stream_format": "sse"})
+    events = [json.loads(line[6:]) for line in data.decode().split("\n\n") if line.startswith("data: ")]
+    assert resp.getheader("Content-Type") == "text/event-stream" and events[-1]["type"] == "speech.audio.done"
+    pcm = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
+    assert np.array_equal(np.frombuffer(pcm, "<i2"), got)
+
+
+@pytest.mark.parametrize("fmt", ["mp3", "opus", "flac"])
+def test_compressed_formats_decode(server, gen, fmt):
+    want = gen.generate_long(LINE["input"], 1, max_audio_length_ms=640, seed=11).audio
+    resp, data = _post(server, {**LINE, "response_format": fmt})
+    audio, sr = sf.read(io.BytesIO(data))
+    assert resp.status == 200 and sr == 24_000
+    assert abs(len(audio) - len(want)) <= 2400  # mp3 adds its encoder delay and padding (~0.1 s at most)
+    if fmt == "flac":  # lossless at 16 bits
+        assert np.abs(audio - want.numpy()).max() < 1e-4 + 1 / 32767
+
+
+def test_context_and_conversation_memory(server, gen):
+    ctx_codes = _codes(4, 5)
+    body = {**LINE, "response_format": "pcm", "context": [{"speaker": 0, "text": "fine thanks",
+                                                           "codes": ctx_codes.tolist()}]}
+    want = gen.generate_long(LINE["input"], 1, [Segment(0, "fine thanks", ctx_codes)], 640, seed=11)
+    _, data = _post(server, body)
+    assert np.abs(np.frombuffer(data, "<i2").astype(int) - _pcm16(want.audio)).max() <= 1
+    # context audio as base64 file bytes: encoded by the server's codec, as the generator would
+    buf = io.BytesIO()
+    sf.write(buf, gen.decode_audio(ctx_codes).numpy(), 24_000, format="WAV", subtype="FLOAT")
+    body["context"] = [{"speaker": 0, "text": "fine thanks", "audio": base64.b64encode(buf.getvalue()).decode()}]
+    wav_ctx = Segment(0, "fine thanks", gen.decode_audio(ctx_codes))
+    _, data = _post(server, body)
+    want = gen.generate_long(LINE["input"], 1, [wav_ctx], 640, seed=11)
+    assert np.abs(np.frombuffer(data, "<i2").astype(int) - _pcm16(want.audio)).max() <= 1
+    # a conversation: the second request is spoken after the first, as the turns of a dialogue
+    first = {"input": "hello there", "voice": "0", "seed": 1, "conversation": "c1", "response_format": "pcm",
+             "max_audio_length_ms": 480}
+    _post(server, first)
+    _, data = _post(server, {**first, "input": "fine thanks", "voice": "1", "seed": 2})
+    turn = gen.generate_long("hello there", 0, max_audio_length_ms=480, seed=1)
+    assert turn.codes.shape[1] > 0
+    want = gen.generate_long("fine thanks", 1, [Segment(0, "hello there", turn.codes)], 480, seed=2)
+    assert np.abs(np.frombuffer(data, "<i2").astype(int) - _pcm16(want.audio)).max() <= 1
+    assert len(server.service.conversations["c1"]) == 2
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"voice": "0"}, 400, "'input' must be a non-empty string"),
+    ({"input": "  ", "voice": "0"}, 400, "non-empty"),
+    ({"input": "x" * 5000}, 400, "over the limit of 4096"),
+    ({"input": "hi", "voice": "zebra"}, 400, "unknown voice 'zebra'"),
+    ({"input": "hi", "response_format": "aac"}, 400, "response_format 'aac' is not supported"),
+    ({"input": "hi", "speed": 1.5}, 400, "speed 1.5 is not supported"),
+    ({"input": "hi", "instructions": "whisper"}, 400, "pass earlier turns as 'context'"),
+    ({"input": "hi", "temperature": -1}, 400, "'temperature' must be a number"),
+    ({"input": "hi", "colour": "red"}, 400, "unknown field(s) ['colour']"),
+    ({"input": "hi", "max_audio_length_ms": 50_000,
+      "context": [{"speaker": 0, "text": "hello", "codes": _codes(1, 2000).tolist()}]}, 400, "shorten the context"),
+    ({"input": "hi", "context": [{"speaker": 0, "text": "hello", "audio": "not base64!"}]}, 400, "not valid base64"),
+    ({"input": "hi", "context": [{"speaker": 0, "text": "hello",
+                                  "audio": base64.b64encode(b"RIFF junk").decode()}]}, 400, "not a readable audio"),
+    ({"input": "hi", "context": [{"speaker": 0, "text": "hello", "codes": [[1, 2]]}]}, 400, "must be 32 lists"),
+    ({"input": "hi", "context": [{"text": "hello"}]}, 400, "needs a 'speaker' id or a 'voice'"),
+    ([1, 2], 400, "must be a JSON object"),
+])
+def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, body, status, words):
+    resp, data = _post(server, body)
+    error = json.loads(data)["error"]
+    assert resp.status == status and words in error["message"], error
+    assert _post(server, {**LINE, "response_format": "pcm"})[0].status == 200
+
+
+def test_other_endpoints_and_malformed_http(server):
+    status, models = _get(server, "/v1/models")
+    assert status == 200 and models["data"][0]["id"] == "csm"
+    status, voices = _get(server, "/v1/audio/voices")
+    names = [v["id"] for v in voices["voices"]]
+    assert names[:11] == [str(i) for i in range(11)] and "alloy" in names and "verse" in names
+    assert _get(server, "/health")[1]["status"] == "ok"
+    assert _get(server, "/nope")[0] == 404 and _get(server, "/v1/audio/speech")[0] == 405
+    resp, data = _post(server, None, raw=b"{not json")
+    assert resp.status == 400 and "not valid JSON" in json.loads(data)["error"]["message"]
+
+
+def test_words_the_model_never_heard_are_named(server, monkeypatch):
+    monkeypatch.setattr(server.service.gen, "vocabulary", frozenset({"hello", "how", "are"}))
+    resp, _ = _post(server, {**LINE, "response_format": "pcm"})
+    assert resp.status == 200 and resp.getheader("X-CSM-Unknown-Words") == "there,you"
+
+
+def test_a_client_that_hangs_up_frees_its_slot(server, monkeypatch):
+    batcher, made = server.service.batcher, []
+    emit = batcher._emit
+    monkeypatch.setattr(batcher, "_emit", lambda i, frame: (made.append(i), emit(i, frame)))
+    body = json.dumps({"input": "hello there", "response_format": "pcm", "max_audio_length_ms": 38_000,
+                       "topk": 1}).encode()  # 475 frames: a random model hardly ever ends a line itself
+    sock = socket.create_connection(server.server_address[:2])
+    sock.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert sock.recv(64).startswith(b"HTTP/1.1 200")
+    sock.close()
+    deadline = time.time() + 60
+    while server.service.batcher.stats()["busy"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.service.batcher.stats() == {"slots": 4, "busy": 0, "waiting": 0}
+    assert 0 < len(made) < 400  # cancelled, not run to its budget
+    assert _post(server, {**LINE, "response_format": "pcm"})[0].status == 200
