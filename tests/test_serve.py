@@ -257,3 +257,30 @@ def test_a_client_that_hangs_up_frees_its_slot(server, monkeypatch):
     assert server.service.batcher.stats() == {"slots": 4, "busy": 0, "waiting": 0}
     assert 0 < len(made) < 400  # cancelled, not run to its budget
     assert _post(server, {**LINE, "response_format": "pcm"})[0].status == 200
+
+
+def test_batcher_with_the_compiled_step_equals_eager_runs_alone(tokenizer):
+    """The static path (every slot stepped, attention over the full cache length, one compiled step) on a micro
+    model (4 codebooks, 1 layer) so the CPU compile stays short; on CUDA the same path is captured as a graph."""
+    from csm.config import CSMConfig, TransformerConfig
+
+    micro = TransformerConfig(n_layers=1, dim=32, n_heads=2, n_kv_heads=1, intermediate_size=64, max_seq_len=64)
+    cfg = CSMConfig(backbone=micro, decoder=replace(micro, max_seq_len=4), text_vocab_size=300,
+                    audio_vocab_size=67, audio_num_codebooks=4)
+    torch._dynamo.reset()  # the compile tests before this one must not use up its recompile limit
+    torch.manual_seed(0)
+    model = CSM(cfg)
+    eager, compiled = Generator(model, tokenizer), Generator(model, tokenizer, engine="compile")
+    reqs = [Request("hello there", 0, max_audio_length_ms=640, topk=1), Request("fine", 1, max_audio_length_ms=480,
+                                                                                 seed=3),
+            Request("how are you?", 0, max_audio_length_ms=400, temperature=0.8, topk=10, seed=4)]
+    alone = [eager.generate_batch([r])[0].codes for r in reqs]
+    b = Batcher(compiled, slots=2)
+    assert b.static
+    jobs = [b.submit(reqs[0])]
+    b.step()
+    jobs += [b.submit(r) for r in reqs[1:]]
+    for _ in range(20):
+        b.step()
+    for job, want in zip(jobs, alone):
+        assert torch.equal(torch.stack(list(job), 1), want)
