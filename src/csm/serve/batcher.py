@@ -169,6 +169,10 @@ class Batcher:
         pos = torch.tensor(self.positions[:n], device=dev)[:, None]
         kv_len = self.gen.model.cfg.backbone.max_seq_len if self.static else max(self.positions[i] for i in busy) + 1
         max_topk = int(self.topk[busy].max())
+        if self.static and max_topk > 1:
+            # A captured graph (or compiled step) is kept per top-k bound; any bound >= every row's top-k samples
+            # the same, so round it up to a power of two: a client's choice of top-k cannot pile up captures.
+            max_topk = 1 << (max_topk - 1).bit_length()
         frames = next_frame(self.frame[:n].clone(), pos, kv_len, noise, self.temperature[:n], self.topk[:n], max_topk)
         self.frame[:n] = frames
         frames = frames.cpu()

@@ -303,6 +303,7 @@ class Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = "csm"
+    timeout = 120  # seconds a socket may stall (a client that never sends its body) before its thread gives up
     server: "SpeechServer"
 
     def do_GET(self) -> None:
