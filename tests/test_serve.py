@@ -284,3 +284,24 @@ def test_batcher_with_the_compiled_step_equals_eager_runs_alone(tokenizer):
         b.step()
     for job, want in zip(jobs, alone):
         assert torch.equal(torch.stack(list(job), 1), want)
+
+
+def test_a_voices_file_gives_named_voices_with_a_prompt_turn(server, gen, tmp_path):
+    from csm.serve.server import SpeechService, load_voices
+
+    sf.write(tmp_path / "maya.wav", gen.decode_audio(_codes(6, 4)).numpy(), 24_000)
+    (tmp_path / "voices.json").write_text(json.dumps({"maya": {"speaker": 2, "text": "fine thanks",
+                                                               "audio": "maya.wav", "description": "test"}}))
+    voices = load_voices(tmp_path / "voices.json", gen)
+    assert voices["maya"].speaker == 2 and voices["alloy"].speaker == 0  # the model's own voices stay
+    service = SpeechService(gen, server.service.batcher, voices=voices)
+    job = service.parse({**LINE, "voice": "maya", "response_format": "pcm"})
+    pcm = np.frombuffer(b"".join(service.speak(job)), "<i2")
+    from csm.audio import load_audio
+
+    prompt = Segment(2, "fine thanks", gen.encode_audio(load_audio(tmp_path / "maya.wav")))  # the file as stored
+    want = gen.generate_long(LINE["input"], 2, [prompt], 640, seed=11)
+    assert np.abs(pcm.astype(int) - _pcm16(want.audio)).max() <= 1
+    (tmp_path / "bad.json").write_text(json.dumps({"maya": {"speaker": 2, "text": "no audio"}}))
+    with pytest.raises(ValueError, match="needs both 'text' and 'audio'"):
+        load_voices(tmp_path / "bad.json", gen)

@@ -25,8 +25,11 @@ def _serve(args: argparse.Namespace) -> int:
     if gen.codec is None:
         raise ValueError(f"no audio codec found with {args.model}: pass --codec")
     voices = load_voices(args.voices, gen) if args.voices else None
-    server = make_server(gen, args.host, args.port, slots=args.slots, voices=voices, model_name=args.name,
-                         chunk_frames=args.chunk_frames)
+    try:
+        server = make_server(gen, args.host, args.port, slots=args.slots, voices=voices, model_name=args.name,
+                             chunk_frames=args.chunk_frames)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
     host, port = server.server_address[:2]
     print(f"csm serve: {args.model} on http://{host}:{port}/v1/audio/speech ({args.slots} slots, "
           f"{len(server.service.voices)} voices); Ctrl-C stops", file=sys.stderr)
