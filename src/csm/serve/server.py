@@ -54,7 +54,7 @@ class ApiError(Exception):
 @dataclass
 class Voice:
     speaker: int
-    context: list[Segment] = field(default_factory=list)  # a prompt turn that fixes the voice (codes)
+    prompt: list[Segment] = field(default_factory=list)  # a turn spoken in this voice, which fixes it (codes)
     description: str = ""
 
 
@@ -121,7 +121,7 @@ class SpeechService:
                    "temperature": _number(body, "temperature", None, 0, 10),
                    "topk": _integer(body, "topk", None, 1, self.gen.model.cfg.audio_vocab_size),
                    "seed": _integer(body, "seed", None, 0, 2**63 - 1)}
-        return SpeechJob(text, voice.speaker, voice.context, self._context(body.get("context")), fmt,
+        return SpeechJob(text, voice.speaker, voice.prompt, self._context(body.get("context")), fmt,
                          stream_format == "sse", conversation, options)
 
     def voice(self, name: object) -> Voice:
@@ -269,13 +269,13 @@ def load_voices(path: str | Path, gen: Generator) -> dict[str, Voice]:
         if not isinstance(spec, dict) or not isinstance(spec.get("speaker"), int):
             raise ValueError(f"{path}: voice {name!r} needs an integer 'speaker'")
         gen.check_speaker(spec["speaker"], f"voice {name!r}: speaker")
-        context = []
+        prompt = []
         if "audio" in spec or "text" in spec:
             if not isinstance(spec.get("text"), str) or not isinstance(spec.get("audio"), str):
                 raise ValueError(f"{path}: voice {name!r} needs both 'text' and 'audio' for its prompt")
             wav = load_audio(path.parent / spec["audio"], gen.sample_rate)
-            context = [Segment(spec["speaker"], spec["text"], gen.encode_audio(wav))]
-        voices[name] = Voice(spec["speaker"], context, str(spec.get("description", "")))
+            prompt = [Segment(spec["speaker"], spec["text"], gen.encode_audio(wav))]
+        voices[name] = Voice(spec["speaker"], prompt, str(spec.get("description", "")))
     return voices
 
 
@@ -315,7 +315,7 @@ class Handler(BaseHTTPRequestHandler):
                 {"id": svc.model_name, "object": "model", "created": 0, "owned_by": "csm"}]})
         if self.path == "/v1/audio/voices":
             return self._json(200, {"voices": [{"id": name, "speaker": v.speaker, "description": v.description,
-                                                "prompt": bool(v.context)} for name, v in svc.voices.items()]})
+                                                "prompt": bool(v.prompt)} for name, v in svc.voices.items()]})
         if self.path == "/v1/audio/speech":
             return self._error(ApiError(405, "use POST for /v1/audio/speech"))
         self._error(ApiError(404, f"no such endpoint: GET {self.path}"))
