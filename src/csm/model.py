@@ -83,8 +83,8 @@ class KVCache(nn.Module):
         return self.kv[0], self.kv[1]
 
     def rows(self, start: int, stop: int) -> KVCache:
-        """A cache over batch rows start..stop-1 that shares this one's memory (a view, no copy): lets one row be
-        prefilled on its own, or a step run over only the first rows, while the others keep their entries."""
+        """A cache over batch rows start..stop-1 that shares this one's memory (a view, no copy): lets a step run
+        over only some rows while the others keep their entries."""
         view = KVCache.__new__(KVCache)
         nn.Module.__init__(view)
         view.register_buffer("kv", self.kv[:, start:stop], persistent=False)

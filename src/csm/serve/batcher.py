@@ -1,14 +1,15 @@
 """Continuous batching: requests join and leave one running batch at any frame.
 
 `Generator.iter_frames` runs a fixed batch until its last row stops, which a server cannot wait for. Here the batch
-is a fixed set of slots, each owning one row of the KV caches. A new request is prefilled alone into a free slot
-(through a view of that row: `KVCache.rows`), then steps with the others, one frame for every busy slot per step;
-a finished or cancelled request frees its slot at once. A request draws its sampling noise from its own generator
+is a fixed set of slots, each owning one row of the KV caches. The requests that arrived since the last step are
+prefilled together (a padded batch in a scratch cache, whose rows are then copied into free slots' rows), then step
+with the others, one frame for every busy slot per step; a finished or cancelled request frees its slot at once. A request draws its sampling noise from its own generator
 and no row's maths reads another's, so it gets the very frames it would get alone (`Generator.frames`), whatever
 it shares the batch with.
 
-Eagerly (the CPU), a step runs only the slots up to the last busy one (new requests take the lowest free slot); with
-CUDA graphs or compiled steps it runs all slots, so that one captured graph serves every step.
+Eagerly (the CPU), a step runs only the slots up to the last busy one (new requests take the lowest free slots, and
+`KVCache.rows` views those first rows); with CUDA graphs or compiled steps it runs all slots, so that one captured
+graph serves every step.
 """
 
 from __future__ import annotations
@@ -138,22 +139,26 @@ class Batcher:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit waiting requests into free slots (each prefilled alone), then make one frame for every busy slot."""
+        """Admit waiting requests into free slots (prefilled together), then make one frame for every busy slot."""
         for i, job in enumerate(self.jobs):
             if job is not None and job.cancelled:
                 self._finish(i)
-        while None in self.jobs:
-            with self._cond:
-                job = self._waiting.popleft() if self._waiting else None
-            if job is None:
-                break
-            if job.cancelled:
-                job._put(_DONE)
-                continue
+        admitted: list[tuple[int, Job]] = []
+        free = [i for i, job in enumerate(self.jobs) if job is None]
+        with self._cond:
+            while free and self._waiting:
+                job = self._waiting.popleft()
+                if job.cancelled:
+                    job._put(_DONE)
+                else:
+                    admitted.append((free.pop(0), job))
+        if admitted:
             try:
-                self._admit(self.jobs.index(None), job)
-            except Exception as e:  # this request alone fails
-                job._put(e)
+                self._admit(admitted)
+            except Exception as e:  # these requests fail (a device error, say); the running ones go on
+                for i, job in admitted:
+                    job._put(e)
+                    self.jobs[i] = None
         busy = [i for i, job in enumerate(self.jobs) if job is not None]
         if not busy:
             return
@@ -180,20 +185,35 @@ class Batcher:
             self.positions[i] += 1
             self._emit(i, frames[i])
 
-    def _admit(self, i: int, job: Job) -> None:
-        """Prefill the request's prompt into slot i's cache rows and make its first frame."""
-        p, m, dev = job.prepared, self.gen.model, self.gen.device
-        rows_b, rows_d = cache_rows(self.backbone_cache, i, i + 1), cache_rows(self.decoder_cache, i, i + 1)
-        s = len(p.tokens)
-        input_pos = torch.arange(s, device=dev)[None]
-        h, _ = m.backbone_forward(p.tokens[None].to(dev), p.mask[None].to(dev), input_pos, causal_mask(input_pos, s),
-                                  rows_b)
-        self.topk[i], self.temperature[i] = p.topk, p.temperature
-        first = FrameStep(m, rows_b, rows_d, static=self.static).frame_from_hidden(
-            h[:, -1], p.noise()[None], self.temperature[i : i + 1], self.topk[i : i + 1], p.topk)
-        self.jobs[i], self.positions[i], self.remaining[i] = job, s, p.budget
-        self.frame[i] = first[0]
-        self._emit(i, first[0].cpu())
+    def _admit(self, admitted: list[tuple[int, Job]]) -> None:
+        """Prefill the new requests' prompts in one padded batch (as Generator.iter_frames does), make their first
+        frames, and copy each prompt's keys and values into its slot's cache row."""
+        m, dev = self.gen.model, self.gen.device
+        prepared = [job.prepared for _, job in admitted]
+        lengths = [len(p.tokens) for p in prepared]
+        b, s = len(admitted), max(lengths)
+        tokens = torch.zeros(b, s, self.gen.num_codebooks + 1, dtype=torch.long)
+        mask = torch.zeros(b, s, self.gen.num_codebooks + 1, dtype=torch.bool)
+        for j, p in enumerate(prepared):
+            tokens[j, : lengths[j]], mask[j, : lengths[j]] = p.tokens, p.mask
+        # Scratch caches as long as the longest prompt: the rows of the slot caches need not be neighbours.
+        scratch_b, scratch_d = m.backbone.new_cache(b, s), m.decoder.new_cache(b)
+        input_pos = torch.arange(s, device=dev).expand(b, s)
+        h, _ = m.backbone_forward(tokens.to(dev), mask.to(dev), input_pos, causal_mask(input_pos, s), scratch_b)
+        last = h[torch.arange(b, device=dev), torch.tensor(lengths, device=dev) - 1]
+        topk = torch.tensor([[p.topk] for p in prepared], device=dev)
+        temperature = torch.tensor([[p.temperature] for p in prepared], device=dev)
+        first = FrameStep(m, scratch_b, scratch_d, static=self.static).frame_from_hidden(
+            last, torch.stack([p.noise() for p in prepared]), temperature, topk, int(topk.max()))
+        for slot, scratch in zip(self.backbone_cache, scratch_b):
+            for j, (i, _) in enumerate(admitted):
+                slot.kv[:, i, :, : lengths[j]] = scratch.kv[:, j, :, : lengths[j]]
+        first_cpu = first.cpu()
+        for j, (i, job) in enumerate(admitted):
+            p = job.prepared
+            self.jobs[i], self.positions[i], self.remaining[i] = job, lengths[j], p.budget
+            self.topk[i], self.temperature[i], self.frame[i] = p.topk, p.temperature, first[j]
+            self._emit(i, first_cpu[j])
 
     def _emit(self, i: int, frame: torch.Tensor) -> None:
         """Hand slot i's new frame to its job, or end the job: an all-zero frame is the end of the utterance."""
