@@ -211,7 +211,8 @@ class _CUDAGraph:
                 self.fn(*held)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: a server's other threads (codec decoding) may use the GPU while a step is captured
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 out = self.fn(*held)
             self.graphs[key] = graph, held, out
         graph, held, out = self.graphs[key]

@@ -29,7 +29,7 @@ import torch
 
 from ..audio import STREAM_FORMATS, AudioError, StreamEncoder, load_audio
 from ..frames import Segment
-from ..generate import ContextTooLongError, Generator
+from ..generate import FRAME_MS, ContextTooLongError, Generator
 from .batcher import Batcher, Busy
 
 # OpenAI's built-in voice names, given to the model's speaker ids in this order so that clients which hard-code
@@ -412,8 +412,13 @@ class SpeechServer(ThreadingHTTPServer):
 def make_server(gen: Generator, host: str = "127.0.0.1", port: int = 8000, *, slots: int = 8,
                 voices: dict[str, Voice] | None = None, model_name: str = "csm", chunk_frames: int = 4,
                 quiet: bool = False) -> SpeechServer:
-    """A ready server (port 0: any free port; `server.server_address` says which) with its batcher started.
+    """A ready server (port 0: any free port; `server.server_address` says which) with its batcher started and
+    warmed up.
     `serve_forever()` runs it; `shutdown()` then `server.service.batcher.close()` stop it."""
     batcher = Batcher(gen, slots=slots).start()
     service = SpeechService(gen, batcher, voices=voices, model_name=model_name, chunk_frames=chunk_frames)
-    return SpeechServer((host, port), service, quiet=quiet)
+    server = SpeechServer((host, port), service, quiet=quiet)
+    # Warm up before the first client: a compiled step compiles and a CUDA graph is captured here, not in a request.
+    for _ in batcher.frames(gen.request("Hello.", max_audio_length_ms=3 * FRAME_MS, seed=0)):
+        pass
+    return server
