@@ -305,3 +305,27 @@ def test_a_voices_file_gives_named_voices_with_a_prompt_turn(server, gen, tmp_pa
     (tmp_path / "bad.json").write_text(json.dumps({"maya": {"speaker": 2, "text": "no audio"}}))
     with pytest.raises(ValueError, match="needs both 'text' and 'audio'"):
         load_voices(tmp_path / "bad.json", gen)
+
+
+def test_an_api_key_guards_every_endpoint_but_health(gen):
+    srv = make_server(gen, port=0, slots=1, quiet=True, api_key="s3cret")
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        def call(method, path, headers, body=None):
+            conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=60)
+            conn.request(method, path, body, headers)
+            resp = conn.getresponse()
+            out = resp.status, resp.read()
+            conn.close()
+            return out
+
+        body = json.dumps({**LINE, "response_format": "pcm"})
+        assert call("POST", "/v1/audio/speech", {}, body)[0] == 401
+        status, data = call("POST", "/v1/audio/speech", {"Authorization": "Bearer wrong"}, body)
+        assert status == 401 and "API key" in json.loads(data)["error"]["message"]
+        assert call("GET", "/v1/models", {})[0] == 401
+        assert call("GET", "/health", {})[0] == 200
+        assert call("POST", "/v1/audio/speech", {"Authorization": "Bearer s3cret"}, body)[0] == 200
+    finally:
+        srv.shutdown()
+        srv.service.batcher.close()

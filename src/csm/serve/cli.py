@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -27,7 +28,7 @@ def _serve(args: argparse.Namespace) -> int:
     voices = load_voices(args.voices, gen) if args.voices else None
     try:
         server = make_server(gen, args.host, args.port, slots=args.slots, voices=voices, model_name=args.name,
-                             chunk_frames=args.chunk_frames)
+                             chunk_frames=args.chunk_frames, api_key=args.api_key or os.environ.get("CSM_API_KEY"))
     except OSError as e:
         raise ValueError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
     host, port = server.server_address[:2]
@@ -53,6 +54,8 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--voices", default=None, metavar="JSON",
                    help='named voices: {"name": {"speaker": 0, "text": "...", "audio": "prompt.wav"}}')
     p.add_argument("--name", default="csm", help="the model id /v1/models lists")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $CSM_API_KEY; unset: no key needed)")
     p.add_argument("--chunk-frames", type=int, default=4, help="frames per streamed audio chunk (80 ms each)")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")

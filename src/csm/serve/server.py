@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import hmac
 import json
 import threading
 import time
@@ -310,6 +311,8 @@ class Handler(BaseHTTPRequestHandler):
         svc = self.server.service
         if self.path == "/health":
             return self._json(200, {"status": "ok", **svc.batcher.stats()})
+        if not self._authorized():
+            return
         if self.path == "/v1/models":
             return self._json(200, {"object": "list", "data": [
                 {"id": svc.model_name, "object": "model", "created": 0, "owned_by": "csm"}]})
@@ -321,6 +324,8 @@ class Handler(BaseHTTPRequestHandler):
         self._error(ApiError(404, f"no such endpoint: GET {self.path}"))
 
     def do_POST(self) -> None:
+        if not self._authorized():
+            return
         if self.path != "/v1/audio/speech":
             return self._error(ApiError(404, f"no such endpoint: POST {self.path}"))
         try:
@@ -332,6 +337,20 @@ class Handler(BaseHTTPRequestHandler):
             self.log_error("speech request failed: %r", e)
             return self._error(ApiError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error"))
         self._stream(job, audio)
+
+    def _authorized(self) -> bool:
+        """With `--api-key`, every endpoint but /health wants `Authorization: Bearer KEY` (as OpenAI's clients
+        send their api_key); a wrong or missing key gets a 401."""
+        key = self.server.api_key
+        if key is None:
+            return True
+        given = self.headers.get("Authorization", "")
+        if hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            return True
+        self.close_connection = True  # any body stays unread
+        self._error(ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                             kind="invalid_request_error"))
+        return False
 
     def _body(self) -> object:
         try:
@@ -404,20 +423,21 @@ def _sse(event: dict) -> bytes:
 class SpeechServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], service: SpeechService, quiet: bool = False) -> None:
+    def __init__(self, address: tuple[str, int], service: SpeechService, quiet: bool = False,
+                 api_key: str | None = None) -> None:
         super().__init__(address, Handler)
-        self.service, self.quiet = service, quiet
+        self.service, self.quiet, self.api_key = service, quiet, api_key
 
 
 def make_server(gen: Generator, host: str = "127.0.0.1", port: int = 8000, *, slots: int = 8,
                 voices: dict[str, Voice] | None = None, model_name: str = "csm", chunk_frames: int = 4,
-                quiet: bool = False) -> SpeechServer:
+                quiet: bool = False, api_key: str | None = None) -> SpeechServer:
     """A ready server (port 0: any free port; `server.server_address` says which) with its batcher started and
     warmed up.
     `serve_forever()` runs it; `shutdown()` then `server.service.batcher.close()` stop it."""
     batcher = Batcher(gen, slots=slots).start()
     service = SpeechService(gen, batcher, voices=voices, model_name=model_name, chunk_frames=chunk_frames)
-    server = SpeechServer((host, port), service, quiet=quiet)
+    server = SpeechServer((host, port), service, quiet=quiet, api_key=api_key)
     # Warm up before the first client: a compiled step compiles and a CUDA graph is captured here, not in a request.
     for _ in batcher.frames(gen.request("Hello.", max_audio_length_ms=3 * FRAME_MS, seed=0)):
         pass
