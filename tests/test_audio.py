@@ -75,3 +75,23 @@ def test_non_finite_samples(tmp_path):
         load_audio(tmp_path / "n.wav")
     with pytest.raises(AudioError, match="NaN"):
         save_audio(tmp_path / "out.wav", torch.from_numpy(x))
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.8, 1.5, 4.0])
+def test_time_stretch_keeps_pitch_and_streams_like_one_shot(rate):
+    from csm.audio import TimeStretch
+
+    sr = 24_000
+    t = np.arange(2 * sr) / sr
+    x = (0.5 * np.sin(2 * np.pi * 220 * t) + 0.02 * np.random.default_rng(0).standard_normal(len(t))).astype("f4")
+    one = TimeStretch(rate).process(x, final=True)
+    ts = TimeStretch(rate)
+    pieces = [ts.process(x[i : i + 777]) for i in range(0, len(x), 777)] + [ts.flush()]
+    assert np.array_equal(np.concatenate(pieces), one)  # chunks of any size give the one-shot samples
+    assert len(one) == round(len(x) / rate)
+    mid = one[len(one) // 4 : 3 * len(one) // 4]
+    peak = np.argmax(np.abs(np.fft.rfft(mid * np.hanning(len(mid))))) * sr / len(mid)
+    assert abs(peak - 220) < 3  # the same pitch (plain resampling would move it to 220 x rate)
+    assert abs(np.sqrt(np.mean(mid**2)) / np.sqrt(np.mean(x**2)) - 1) < 0.05  # and the same loudness
+    with pytest.raises(ValueError, match="between 0.25 and 4.0"):
+        TimeStretch(5.0)

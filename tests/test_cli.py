@@ -89,6 +89,10 @@ def test_say_writes_a_wav_with_the_codec_beside_the_model(tiny_ckpt, tmp_path):
     audio, sr = sf.read(out)
     assert sr == 24_000 and len(audio) % 1920 == 0 and 0 < len(audio) <= 4 * 1920
     assert np.isfinite(audio).all() and np.abs(audio).max() > 0
+    fast = tmp_path / "fast.wav"
+    run(sys.executable, "-m", "csm.cli", "say", "Hello there.", "--model", str(tiny_ckpt), "-o", str(fast),
+        "--max-ms", "320", "--seed", "3", "--speed", "2")
+    assert len(sf.read(fast)[0]) == len(audio) // 2  # the same speech in half the time
 
 
 def test_say_reports_bad_model_path(tmp_path):

@@ -159,6 +159,16 @@ def test_speech_streams_the_generators_audio(server, gen):
     assert np.array_equal(np.frombuffer(pcm, "<i2"), got)
 
 
+def test_speed_stretches_the_stream_at_the_same_pitch(server, gen):
+    from csm.audio import TimeStretch
+
+    want = gen.generate_long(LINE["input"], 1, max_audio_length_ms=640, seed=11).audio
+    _, data = _post(server, {**LINE, "response_format": "pcm", "speed": 2.0})
+    got = np.frombuffer(data, "<i2")
+    stretched = torch.from_numpy(TimeStretch(2.0).process(want, final=True))
+    assert len(got) == round(len(want) / 2) and np.abs(got.astype(int) - _pcm16(stretched)).max() <= 1
+
+
 @pytest.mark.parametrize("fmt", ["mp3", "opus", "flac"])
 def test_compressed_formats_decode(server, gen, fmt):
     want = gen.generate_long(LINE["input"], 1, max_audio_length_ms=640, seed=11).audio
@@ -203,7 +213,7 @@ def test_context_and_conversation_memory(server, gen):
     ({"input": "x" * 5000}, 400, "over the limit of 4096"),
     ({"input": "hi", "voice": "zebra"}, 400, "unknown voice 'zebra'"),
     ({"input": "hi", "response_format": "aac"}, 400, "response_format 'aac' is not supported"),
-    ({"input": "hi", "speed": 1.5}, 400, "speed 1.5 is not supported"),
+    ({"input": "hi", "speed": 5}, 400, "'speed' must be a number in [0.25, 4.0]"),
     ({"input": "hi", "instructions": "whisper"}, 400, "pass earlier turns as 'context'"),
     ({"input": "hi", "temperature": -1}, 400, "'temperature' must be a number"),
     ({"input": "hi", "colour": "red"}, 400, "unknown field(s) ['colour']"),

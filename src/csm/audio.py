@@ -171,3 +171,76 @@ def _wav_header(sample_rate: int) -> bytes:
     return (b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVEfmt " +
             struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16) +
             b"data" + struct.pack("<I", 0xFFFFFFFF))
+
+
+class TimeStretch:
+    """Speech faster or slower at the same pitch, chunk by chunk: WSOLA (waveform-similarity overlap-add).
+
+    Output frames of 40 ms are laid down every 20 ms under a Hann window; each is read from the input `rate` times
+    further on than the last, shifted by up to ±10 ms to where the input best continues the previous frame, so
+    pitch periods line up instead of smearing as in plain overlap-add. `process(chunk)` returns what is final so
+    far, `flush()` the rest; the pieces concatenate to the one-shot result. rate: 2.0 = twice as fast.
+    """
+
+    def __init__(self, rate: float, sample_rate: int = 24_000) -> None:
+        if not 0.25 <= rate <= 4.0:
+            raise ValueError(f"speed must be between 0.25 and 4.0, got {rate}")
+        self.rate = rate
+        self.n = int(0.04 * sample_rate) // 2 * 2  # frame length (even)
+        self.hop = self.n // 2  # synthesis hop
+        self.tol = self.n // 4  # search range either way
+        self.window = np.hanning(self.n + 2)[1:-1].astype(np.float32)  # sums to ~1 at 50 % overlap
+        self.buf = np.zeros(self.tol, np.float32)  # input from absolute position `start` on, led by `tol` zeros
+        self.start = -self.tol
+        self.k = 0  # next output frame
+        self.prev: int | None = None  # input position the last frame was read from
+        self.tail = np.zeros(self.hop, np.float32)  # overlap carried to the next output block
+        self.taken = self.given = 0  # samples in and out, so that the whole output is len(input) / rate long
+
+    def process(self, chunk: torch.Tensor | np.ndarray, final: bool = False) -> np.ndarray:
+        x = chunk.detach().float().cpu().numpy() if isinstance(chunk, torch.Tensor) else np.asarray(chunk, np.float32)
+        self.buf = np.concatenate([self.buf, x.reshape(-1)])
+        self.taken += x.size
+        out = []
+        while True:
+            nominal = int(round(self.k * self.hop * self.rate))
+            end = self.start + len(self.buf)
+            # the frame reads up to nominal + tol + n, and what continues the last frame up to prev + hop + n
+            need = max(nominal + self.tol, nominal if self.prev is None else self.prev + self.hop) + self.n
+            if (nominal >= end) if final else (need > end):
+                break
+            pos = nominal if self.prev is None else self._best(nominal)
+            frame = self._read(pos) * self.window
+            block = np.concatenate([self.tail, np.zeros(self.hop, np.float32)]) + frame
+            out.append(block[: self.hop])
+            self.tail = block[self.hop :]
+            self.prev, self.k = pos, self.k + 1
+            # keep input from the earliest position a later frame may read (its nominal start minus the search)
+            keep = min(int(round(self.k * self.hop * self.rate)), self.prev + self.hop) - self.tol
+            if keep > self.start:
+                self.buf, self.start = self.buf[keep - self.start :], keep
+        if final:
+            out.append(self.tail)
+            self.tail = np.zeros(0, np.float32)
+        y = np.concatenate(out) if out else np.zeros(0, np.float32)
+        if final:  # the last frame's fade-out runs past the input's end
+            y = y[: max(int(round(self.taken / self.rate)) - self.given, 0)]
+        self.given += len(y)
+        return y
+
+    def flush(self) -> np.ndarray:
+        return self.process(np.zeros(0, np.float32), final=True)
+
+    def _read(self, pos: int) -> np.ndarray:
+        seg = self.buf[max(pos - self.start, 0) : pos - self.start + self.n]
+        return np.pad(seg, (0, self.n - len(seg)))
+
+    def _best(self, nominal: int) -> int:
+        """The read position within ±tol of `nominal` whose frame best continues the previous one."""
+        target = self._read(self.prev + self.hop)
+        lo = max(nominal - self.tol, self.start)
+        region = self.buf[lo - self.start : nominal + self.tol - self.start + self.n]
+        if len(region) < self.n:
+            return nominal
+        scores = np.correlate(region, target, mode="valid")
+        return lo + int(np.argmax(scores))

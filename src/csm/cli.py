@@ -28,6 +28,8 @@ def _say(args: argparse.Namespace) -> int:
         args.text = " ".join(text for _, text in turns)  # for the vocabulary check
     elif args.text == "-":  # the text from stdin: a paragraph or a whole file (the generator rejects empty text)
         args.text = sys.stdin.read()
+    if not 0.25 <= args.speed <= 4.0:
+        raise ValueError(f"--speed must be between 0.25 and 4, got {args.speed}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -58,9 +60,12 @@ def _say(args: argparse.Namespace) -> int:
         return 1
     out = Path(args.output)
     if speech.audio is not None and out.suffix.lower() != ".npy":
-        from .audio import save_audio
+        from .audio import TimeStretch, save_audio
 
-        save_audio(out, speech.audio, speech.sample_rate)
+        audio = speech.audio
+        if args.speed != 1.0:  # the same words in less (or more) time, at the same pitch
+            audio = TimeStretch(args.speed, speech.sample_rate).process(audio, final=True)
+        save_audio(out, audio, speech.sample_rate)
     else:
         import numpy as np
 
@@ -145,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument("--no-split", action="store_true",
                      help="speak TEXT as one line (default: sentence by sentence, each in the context of the last)")
     say.add_argument("--pause-ms", type=float, default=200, help="silence between sentences (default 200)")
+    say.add_argument("--speed", type=float, default=1.0,
+                     help="play the speech faster (2.0) or slower (0.5) at the same pitch, 0.25-4 (default 1)")
     say.add_argument("--max-words", type=int, default=None,
                      help="a longer sentence is cut at its commas (default: the model's, else 30)")
     say.add_argument("--temperature", type=float, default=None, help="default: the model's, else 0.9")

@@ -18,6 +18,7 @@ import base64
 import binascii
 import collections
 import hmac
+import itertools
 import json
 import threading
 import time
@@ -28,7 +29,7 @@ from typing import Iterator
 
 import torch
 
-from ..audio import STREAM_FORMATS, AudioError, StreamEncoder, load_audio
+from ..audio import STREAM_FORMATS, AudioError, StreamEncoder, TimeStretch, load_audio
 from ..frames import Segment
 from ..generate import FRAME_MS, ContextTooLongError, Generator
 from .batcher import Batcher, Busy
@@ -70,6 +71,7 @@ class SpeechJob:
     fmt: str
     sse: bool
     conversation: str | None
+    speed: float  # 1.0: as spoken; else time-stretched at the same pitch (TimeStretch)
     options: dict  # max_audio_length_ms, temperature, topk, seed
 
 
@@ -104,9 +106,7 @@ class SpeechService:
         if fmt not in STREAM_FORMATS:
             raise ApiError(400, f"response_format {fmt!r} is not supported; choose one of "
                                 f"{', '.join(STREAM_FORMATS)}", "response_format")
-        speed = body.get("speed", 1.0)
-        if not isinstance(speed, (int, float)) or isinstance(speed, bool) or speed != 1.0:
-            raise ApiError(400, f"speed {speed!r} is not supported: CSM speaks at its own pace (only 1.0)", "speed")
+        speed = _number(body, "speed", 1.0, 0.25, 4.0)
         stream_format = body.get("stream_format", "audio")
         if stream_format not in ("audio", "sse"):
             raise ApiError(400, f"stream_format must be 'audio' or 'sse', got {stream_format!r}", "stream_format")
@@ -123,7 +123,7 @@ class SpeechService:
                    "topk": _integer(body, "topk", None, 1, self.gen.model.cfg.audio_vocab_size),
                    "seed": _integer(body, "seed", None, 0, 2**63 - 1)}
         return SpeechJob(text, voice.speaker, voice.prompt, self._context(body.get("context")), fmt,
-                         stream_format == "sse", conversation, options)
+                         stream_format == "sse", conversation, speed, options)
 
     def voice(self, name: object) -> Voice:
         """A voice by name (a voices-file name, an OpenAI name, or a speaker id); None: the model's default."""
@@ -201,11 +201,13 @@ class SpeechService:
         return self._encoded(job, first, chunks, StreamEncoder(job.fmt, self.gen.sample_rate), frames, spoken)
 
     def _encoded(self, job: SpeechJob, first, chunks, encoder: StreamEncoder, frames: list, spoken: list):
+        stretch = TimeStretch(job.speed, self.gen.sample_rate) if job.speed != 1.0 else None
         try:
             if first is not None:
-                yield encoder.write(first)
-                for chunk in chunks:
-                    yield encoder.write(chunk)
+                for chunk in itertools.chain([first], chunks):
+                    yield encoder.write(stretch.process(chunk) if stretch else chunk)
+            if stretch:
+                yield encoder.write(stretch.flush())
             yield encoder.close()
         finally:
             chunks.close()  # a client that hung up: the batcher's job is cancelled
