@@ -65,24 +65,12 @@ def test_compile_engine_equals_eager(tokenizer, gemv):
             assert torch.equal(a.codes, b.codes)
 
 
-def test_continuous_batching_with_graphs_equals_runs_alone(tokenizer):
+def test_continuous_batching_with_graphs_equals_runs_alone(tokenizer, joins_midway):
     """The server's batcher on the GPU default engine: every slot stepped by one captured graph, requests joining
     mid-flight, each equal to the eager engine running it alone."""
-    from csm.serve.batcher import Batcher
-
     torch.manual_seed(0)
     model = CSM(get_config("tiny")).cuda()
-    eager, graph = Generator(model, tokenizer, engine="eager"), Generator(model, tokenizer, engine="graph")
-    reqs = requests()
-    alone = [eager.generate_batch([r])[0].codes for r in reqs]
-    b = Batcher(graph, slots=2)
-    jobs = [b.submit(reqs[0])]
-    b.step()
-    jobs += [b.submit(r) for r in reqs[1:]]
-    for _ in range(30):
-        b.step()
-    for job, want in zip(jobs, alone):
-        assert torch.equal(torch.stack(list(job), 1), want)
+    joins_midway(Generator(model, tokenizer, engine="eager"), Generator(model, tokenizer, engine="graph"), requests())
 
 
 def test_stream_on_gpu_concatenates_to_one_shot(tokenizer):

@@ -124,6 +124,11 @@ class Batcher:
             self._thread.join()
         self._fail_all(RuntimeError("the server is shutting down"))
 
+    def drain(self) -> None:
+        """Step until every submitted request has ended (for callers that drive the batcher themselves)."""
+        while self._waiting or any(self.jobs):
+            self.step()
+
     # --- the engine's side ------------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
