@@ -6,6 +6,9 @@ request time to first audio byte and the aggregate audio seconds per wall second
 
     python benchmarks/bench_serve.py                          # the embedded voice, N = 1, 4, 8
     python benchmarks/bench_serve.py --model DIR --clients 1,8,32 --slots 32 --json out.json
+    python benchmarks/bench_serve.py --preset csm-1b --clients 1,8,32 --slots 32 --max-ms 4000   # random weights
+
+Random weights never end a line, so with --preset every request runs its whole --max-ms budget.
 """
 
 from __future__ import annotations
@@ -39,13 +42,14 @@ def one_request(address, body: dict, out: dict) -> None:
     out.update(status=resp.status, first_s=first, total_s=time.perf_counter() - t0, audio_s=size / 2 / 24_000)
 
 
-def run(gen, slots: int, clients: int) -> dict:
+def run(gen, slots: int, clients: int, max_ms: float = 10_000) -> dict:
     from csm.serve.server import make_server
 
     server = make_server(gen, port=0, slots=slots, quiet=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     results = [{} for _ in range(clients)]
-    bodies = [{"input": LINES[i % len(LINES)], "response_format": "pcm", "seed": i} for i in range(clients)]
+    bodies = [{"input": LINES[i % len(LINES)], "response_format": "pcm", "seed": i, "max_audio_length_ms": max_ms}
+              for i in range(clients)]
     t0 = time.perf_counter()
     threads = [threading.Thread(target=one_request, args=(server.server_address[:2], b, r))
                for b, r in zip(bodies, results)]
@@ -66,6 +70,8 @@ def run(gen, slots: int, clients: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="default: the embedded voice")
+    p.add_argument("--preset", default=None, help="random weights of these shapes instead (csm-1b, tiny)")
+    p.add_argument("--max-ms", type=float, default=10_000, help="each request's budget per sentence")
     p.add_argument("--clients", default="1,4,8", help="concurrent requests, comma-separated")
     p.add_argument("--slots", type=int, default=8)
     p.add_argument("--threads", type=int, default=0)
@@ -73,19 +79,26 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     from csm.assets import default_model
-    from csm.generate import load_generator
+    from csm.bench import build_codec, build_model
+    from csm.generate import Generator, load_generator
     from csm.mimi import load_model_codec
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = args.model or default_model()
-    gen = load_generator(model, device=device, codec=load_model_codec(model, device=device))
-    run(gen, 1, 1)  # warm-up
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.preset:
+        spec = argparse.Namespace(model=None, preset=args.preset, text=LINES[0], no_codec=False)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model = args.preset
+        gen = Generator(*build_model(spec, device, dtype), build_codec(spec, device))
+    else:
+        model = args.model or default_model()
+        gen = load_generator(model, device=device, codec=load_model_codec(model, device=device))
+    run(gen, 1, 1, args.max_ms)  # warm-up
     rows = []
     for n in (int(c) for c in args.clients.split(",")):
         for slots in sorted({1, min(args.slots, n)}):
-            rows.append(run(gen, slots, n))
+            rows.append(run(gen, slots, n, args.max_ms))
             r = rows[-1]
             print(f"clients {n:3d}  slots {slots:3d}  {r['x_real_time']:6.2f}x real time  first audio "
                   f"{r['first_audio_ms_median']:7.0f} ms median, {r['first_audio_ms_max']:7.0f} max  "

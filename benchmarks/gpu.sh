@@ -9,9 +9,11 @@
 # 5. (only when named) "variants": profile_step.py once per line of $VARIANTS, the engine changes that wait for a
 #    GPU (docs/speed.md, "Made since"), then benchmarks/gemv_forms.py; one after another, so that their rows
 #    compare.
+# 6. (only when named) "serve": benchmarks/bench_serve.py at the full CSM-1B shapes (random weights, 4 s per
+#    request): 1, 8 and 32 clients at once through `csm serve`'s continuous batching, against one slot.
 # Logs and JSON go to OUT_DIR; each stage has its own time cap, so one failure does not hide the others.
 # STAGES="bench tests compile profile" (the default) picks stages; the next GPU session's engine call is
-#   STAGES="tests variants" bash benchmarks/gpu.sh $OUT          (~7 min)
+#   STAGES="tests variants serve" bash benchmarks/gpu.sh $OUT    (~10 min)
 set -u
 stages=" ${STAGES:-bench tests compile profile} "
 out=${1:-gpu-results}
@@ -51,4 +53,6 @@ if [[ $stages == *" variants "* ]]; then
     timeout "${PROFILE_TIMEOUT:-150}" $py benchmarks/gemv_forms.py --json "$out/gemv_forms.json" 2>&1 \
         | tee "$out/gemv_forms.log"
 fi
+[[ $stages == *" serve "* ]] && timeout "${SERVE_TIMEOUT:-300}" $py benchmarks/bench_serve.py --preset csm-1b \
+    --clients 1,8,32 --slots 32 --max-ms 4000 --json "$out/serve_1b.json" 2>&1 | tee "$out/serve_1b.log"
 echo "gpu.sh done"

@@ -32,7 +32,8 @@ def _peak_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _build(args, device, dtype):
+def build_model(args, device, dtype):
+    """args.model loaded, else random weights of args.preset's shapes with a small BPE over args.text."""
     from .checkpoints import load_checkpoint
     from .config import get_config
     from .model import CSM
@@ -51,7 +52,8 @@ def _build(args, device, dtype):
     return model, train_tokenizer([DEFAULT_TEXT, args.text] * 4, vocab_size=300)
 
 
-def _codec(args, device):
+def build_codec(args, device):
+    """A random-weight full-size Mimi (None with args.no_codec)."""
     if args.no_codec:
         return None
     try:
@@ -207,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     engine = None if args.engine == "auto" else args.engine
 
-    model, tokenizer = _build(args, device, dtype)
+    model, tokenizer = build_model(args, device, dtype)
     ref_batches = batch_sizes if args.transformers_batches else []
     n_params = model.num_parameters()  # before quantization turns weights into int8 buffers
     reference = None
@@ -219,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.no_fuse:  # fuse first, so the fused q/k/v and gate/up matrices are what gets quantized
             model.fuse_projections()
         quantize_int8(model)
-    gen = Generator(model, tokenizer, _codec(args, device), engine=engine, fuse=not args.no_fuse,
+    gen = Generator(model, tokenizer, build_codec(args, device), engine=engine, fuse=not args.no_fuse,
                     gemv=args.gemv)
     print(f"benchmarking {args.model or args.preset} ({n_params / 1e6:.0f} M params, {dtype}) on "
           f"{_device_name(device)}; engine={gen.engine}; {frames} frames", file=sys.stderr)
