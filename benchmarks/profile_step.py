@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from csm.bench import DEFAULT_TEXT, _build, _sync, bench_ours  # noqa: E402
+from csm.bench import DEFAULT_TEXT, _sync, bench_ours, build_model  # noqa: E402
 from csm.generate import Generator, Request  # noqa: E402
 
 
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    model, tokenizer = _build(argparse.Namespace(model=args.model, preset=args.preset, text=DEFAULT_TEXT), device, dtype)
+    model, tokenizer = build_model(argparse.Namespace(model=args.model, preset=args.preset, text=DEFAULT_TEXT), device, dtype)
     if args.quantize:
         from csm.quantize import quantize_int8
 
