@@ -329,3 +329,31 @@ def test_an_api_key_guards_every_endpoint_but_health(gen):
     finally:
         srv.shutdown()
         srv.service.batcher.close()
+
+
+def test_voices_added_at_run_time(server, gen):
+    def call(method, path, body=None):
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=60)
+        conn.request(method, path, None if body is None else json.dumps(body))
+        resp = conn.getresponse()
+        out = resp.status, json.loads(resp.read())
+        conn.close()
+        return out
+
+    prompt = _codes(8, 4)
+    status, made = call("POST", "/v1/audio/voices", {"name": "maya", "speaker": 1, "text": "fine thanks",
+                                                     "codes": prompt.tolist(), "description": "added"})
+    assert status == 201 and made == {"id": "maya", "speaker": 1, "description": "added", "prompt": True}
+    assert "maya" in [v["id"] for v in _get(server, "/v1/audio/voices")[1]["voices"]]
+    _, data = _post(server, {**LINE, "voice": "maya", "response_format": "pcm"})
+    want = gen.generate_long(LINE["input"], 1, [Segment(1, "fine thanks", prompt)], 640, seed=11)
+    assert np.abs(np.frombuffer(data, "<i2").astype(int) - _pcm16(want.audio)).max() <= 1
+    for body, words in [({"name": "alloy", "speaker": 0, "text": "x", "codes": prompt.tolist()}, "cannot be replaced"),
+                        ({"name": "a b", "speaker": 0, "text": "x", "codes": prompt.tolist()}, "'name' must be"),
+                        ({"name": "ok", "speaker": 0, "text": "x"}, "needs its prompt"),
+                        ({"name": "ok", "speaker": 0, "codes": prompt.tolist()}, "non-empty 'text'")]:
+        status, error = call("POST", "/v1/audio/voices", body)
+        assert status == 400 and words in error["error"]["message"], error
+    assert call("DELETE", "/v1/audio/voices/maya")[0] == 200
+    assert call("DELETE", "/v1/audio/voices/maya")[0] == 404 and call("DELETE", "/v1/audio/voices/alloy")[0] == 400
+    assert _post(server, {**LINE, "voice": "maya"})[0].status == 400

@@ -20,8 +20,10 @@ import collections
 import hmac
 import itertools
 import json
+import re
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -40,6 +42,7 @@ OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "on
 MAX_INPUT_CHARS = 4096  # OpenAI's limit on `input`
 MAX_BODY_BYTES = 32 << 20  # context audio travels as base64 inside the JSON body
 MAX_CONVERSATIONS = 256  # kept in memory, least recently used dropped first
+MAX_ADDED_VOICES = 256  # voices added through POST /v1/audio/voices
 
 
 class ApiError(Exception):
@@ -84,6 +87,7 @@ class SpeechService:
             raise ValueError("the server speaks audio and needs a codec with the model (--codec)")
         self.gen, self.batcher, self.model_name, self.chunk_frames = gen, batcher, model_name, chunk_frames
         self.voices = dict(voices) if voices else default_voices(gen)
+        self.fixed_voices = frozenset(self.voices)  # the model's and the voices file's: not replaced at run time
         self.conversations: collections.OrderedDict[str, list[Segment]] = collections.OrderedDict()
         self._lock = threading.Lock()
 
@@ -138,37 +142,71 @@ class SpeechService:
             return Voice(int(key))
         raise ApiError(400, f"unknown voice {name!r}; this server has: {', '.join(self.voices)}", "voice")
 
+    def add_voice(self, body: object) -> tuple[str, Voice]:
+        """POST /v1/audio/voices: {"name", "speaker", "text", "audio" (base64 file bytes) or "codes", "description"}
+        -> a named voice whose prompt turn fixes it, usable as `voice` at once (kept in memory; a name added this
+        way may be replaced, the model's and the voices file's may not)."""
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        name = body.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+            raise ApiError(400, "'name' must be 1-64 letters, digits, '_', '.' or '-'", "name")
+        if name in self.fixed_voices:
+            raise ApiError(400, f"voice {name!r} is one of the server's own and cannot be replaced", "name")
+        added = [n for n in self.voices if n not in self.fixed_voices]
+        if name not in self.voices and len(added) >= MAX_ADDED_VOICES:
+            raise ApiError(400, f"{len(added)} voices are already added (the limit); delete one first", "name")
+        if "audio" not in body and "codes" not in body:
+            raise ApiError(400, "a voice needs its prompt: 'text' and 'audio' (or 'codes')", "audio")
+        turn = self._turn({k: body[k] for k in ("speaker", "text", "audio", "codes") if k in body}, "the voice",
+                          "voice")
+        try:
+            self.gen.check_speaker(turn.speaker, "speaker")
+        except ValueError as e:
+            raise ApiError(400, str(e), "speaker") from None
+        voice = Voice(turn.speaker, [turn], str(body.get("description", "")))
+        with self._lock:
+            self.voices[name] = voice
+        return name, voice
+
+    def remove_voice(self, name: str) -> None:
+        if name in self.fixed_voices:
+            raise ApiError(400, f"voice {name!r} is one of the server's own and cannot be deleted")
+        with self._lock:
+            if self.voices.pop(name, None) is None:
+                raise ApiError(404, f"no voice {name!r} was added")
+
     def _context(self, turns: object) -> list[Segment]:
         if turns is None:
             return []
         if not isinstance(turns, list):
             raise ApiError(400, "'context' must be a list of turns", "context")
-        out = []
-        for i, turn in enumerate(turns):
-            where = f"context[{i}]"
-            if not isinstance(turn, dict) or not isinstance(turn.get("text"), str) or not turn["text"].strip():
-                raise ApiError(400, f"{where} must be an object with a non-empty 'text'", "context")
-            if "voice" in turn:
-                speaker = self.voice(turn["voice"]).speaker
-            elif isinstance(turn.get("speaker"), int) and not isinstance(turn["speaker"], bool):
-                speaker = turn["speaker"]
-            else:
-                raise ApiError(400, f"{where} needs a 'speaker' id or a 'voice'", "context")
-            out.append(Segment(speaker, turn["text"], self._turn_audio(turn, where)))
-        return out
+        return [self._turn(turn, f"context[{i}]", "context") for i, turn in enumerate(turns)]
 
-    def _turn_audio(self, turn: dict, where: str) -> torch.Tensor | None:
+    def _turn(self, turn: object, where: str, param: str) -> Segment:
+        """One turn {"speaker" or "voice", "text", "audio" or "codes" or neither} as a Segment with codes."""
+        if not isinstance(turn, dict) or not isinstance(turn.get("text"), str) or not turn["text"].strip():
+            raise ApiError(400, f"{where} must be an object with a non-empty 'text'", param)
+        if "voice" in turn:
+            speaker = self.voice(turn["voice"]).speaker
+        elif isinstance(turn.get("speaker"), int) and not isinstance(turn["speaker"], bool):
+            speaker = turn["speaker"]
+        else:
+            raise ApiError(400, f"{where} needs a 'speaker' id or a 'voice'", param)
+        return Segment(speaker, turn["text"], self._turn_audio(turn, where, param))
+
+    def _turn_audio(self, turn: dict, where: str, param: str) -> torch.Tensor | None:
         """A context turn's audio as Mimi codes [K, F]: 'audio' (base64 bytes of an audio file, any format soundfile
         reads) or 'codes' (lists of ints); neither: a text-only turn."""
         if "audio" in turn:
             try:
                 data = base64.b64decode(turn["audio"], validate=True)
             except (binascii.Error, TypeError, ValueError):
-                raise ApiError(400, f"{where}.audio is not valid base64", "context") from None
+                raise ApiError(400, f"{where}.audio is not valid base64", param) from None
             try:
                 wav = load_audio(data, self.gen.sample_rate, max_seconds=120, name=f"{where}.audio")
             except AudioError as e:
-                raise ApiError(400, str(e), "context") from None
+                raise ApiError(400, str(e), param) from None
             return self.gen.encode_audio(wav)
         if "codes" in turn:
             try:
@@ -178,7 +216,7 @@ class SpeechService:
             k, vocab = self.gen.num_codebooks, self.gen.model.cfg.audio_vocab_size
             if codes is None or codes.ndim != 2 or codes.shape[0] != k or codes.shape[1] == 0 or \
                     codes.min() < 0 or codes.max() >= vocab:
-                raise ApiError(400, f"{where}.codes must be {k} lists of frame codes in [0, {vocab})", "context")
+                raise ApiError(400, f"{where}.codes must be {k} lists of frame codes in [0, {vocab})", param)
             return codes
         return None
 
@@ -319,8 +357,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(200, {"object": "list", "data": [
                 {"id": svc.model_name, "object": "model", "created": 0, "owned_by": "csm"}]})
         if self.path == "/v1/audio/voices":
-            return self._json(200, {"voices": [{"id": name, "speaker": v.speaker, "description": v.description,
-                                                "prompt": bool(v.prompt)} for name, v in svc.voices.items()]})
+            return self._json(200, {"voices": [_voice_json(name, v) for name, v in list(svc.voices.items())]})
         if self.path == "/v1/audio/speech":
             return self._error(ApiError(405, "use POST for /v1/audio/speech"))
         self._error(ApiError(404, f"no such endpoint: GET {self.path}"))
@@ -328,6 +365,12 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         if not self._authorized():
             return
+        if self.path == "/v1/audio/voices":
+            try:
+                name, voice = self.server.service.add_voice(self._body())
+            except ApiError as e:
+                return self._error(e)
+            return self._json(201, _voice_json(name, voice))
         if self.path != "/v1/audio/speech":
             return self._error(ApiError(404, f"no such endpoint: POST {self.path}"))
         try:
@@ -339,6 +382,18 @@ class Handler(BaseHTTPRequestHandler):
             self.log_error("speech request failed: %r", e)
             return self._error(ApiError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error"))
         self._stream(job, audio)
+
+    def do_DELETE(self) -> None:
+        if not self._authorized():
+            return
+        prefix = "/v1/audio/voices/"
+        if not self.path.startswith(prefix):
+            return self._error(ApiError(404, f"no such endpoint: DELETE {self.path}"))
+        try:
+            self.server.service.remove_voice(urllib.parse.unquote(self.path[len(prefix):]))
+        except ApiError as e:
+            return self._error(e)
+        self._json(200, {"deleted": True})
 
     def _authorized(self) -> bool:
         """With `--api-key`, every endpoint but /health wants `Authorization: Bearer KEY` (as OpenAI's clients
@@ -416,6 +471,10 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args) -> None:
         if not self.server.quiet:
             super().log_message(format, *args)
+
+
+def _voice_json(name: str, voice: Voice) -> dict:
+    return {"id": name, "speaker": voice.speaker, "description": voice.description, "prompt": bool(voice.prompt)}
 
 
 def _sse(event: dict) -> bytes:
