@@ -357,3 +357,24 @@ def test_voices_added_at_run_time(server, gen):
     assert call("DELETE", "/v1/audio/voices/maya")[0] == 200
     assert call("DELETE", "/v1/audio/voices/maya")[0] == 404 and call("DELETE", "/v1/audio/voices/alloy")[0] == 400
     assert _post(server, {**LINE, "voice": "maya"})[0].status == 400
+
+
+def test_a_conversations_turns_are_spoken_one_after_another(server, gen):
+    """The second turn arrives while the first is still being spoken: it waits, and is spoken after it."""
+    first = {"input": "hello there. how are you?", "voice": "0", "seed": 5, "conversation": "c2",
+             "response_format": "pcm", "max_audio_length_ms": 800}
+    second = {**first, "input": "fine thanks", "voice": "1", "seed": 6}
+    results = {}
+    a = threading.Thread(target=lambda: results.update(a=_post(server, first)[1]))
+    a.start()
+    deadline = time.time() + 30
+    while not server.service.batcher.stats()["busy"] and time.time() < deadline:
+        time.sleep(0.005)
+    b = threading.Thread(target=lambda: results.update(b=_post(server, second)[1]))
+    b.start()
+    a.join(60)
+    b.join(60)
+    turn = gen.generate_long(first["input"], 0, max_audio_length_ms=800, seed=5)
+    want = gen.generate_long("fine thanks", 1, [Segment(0, first["input"], turn.codes)], 800, seed=6)
+    assert np.abs(np.frombuffer(results["b"], "<i2").astype(int) - _pcm16(want.audio)).max() <= 1
+    assert not server.service._turn_locks["c2"].locked()

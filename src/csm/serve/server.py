@@ -90,6 +90,7 @@ class SpeechService:
         self.fixed_voices = frozenset(self.voices)  # the model's and the voices file's: not replaced at run time
         self.conversations: collections.OrderedDict[str, list[Segment]] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self._turn_locks: dict[str, threading.Lock] = {}  # one per conversation being spoken
 
     # --- checking a request ----------------------------------------------------------------------------
     def parse(self, body: object) -> SpeechJob:
@@ -225,18 +226,34 @@ class SpeechService:
         """The request's audio, encoded, as the frames come. The first item is ready before it returns, so errors
         in the request (a context too long, ...) raise here, before a response has started."""
         frames: list[torch.Tensor] = []
+        # A conversation's requests are spoken one at a time, each after the turns before it had finished.
+        turn_lock = self._turn_lock(job.conversation) if job.conversation is not None else None
+        if turn_lock is not None and not turn_lock.acquire(timeout=600):
+            raise ApiError(503, f"conversation {job.conversation!r} is still speaking another turn",
+                           kind="server_busy")
         try:
             context, spoken = self._fit(job, self._history(job))
             chunks = self.gen.stream_long(job.text, job.speaker, context, chunk_frames=self.chunk_frames,
                                           source=self._recording(frames), **job.options)
             first = next(chunks, None)
-        except ContextTooLongError as e:
-            raise ApiError(400, str(e), "context") from None
-        except Busy as e:
-            raise ApiError(503, f"the server is busy ({e}); try again shortly", kind="server_busy") from None
-        except ValueError as e:  # a speaker the model does not know, ...
-            raise ApiError(400, str(e)) from None
-        return self._encoded(job, first, chunks, StreamEncoder(job.fmt, self.gen.sample_rate), frames, spoken)
+        except BaseException as e:
+            if turn_lock is not None:
+                turn_lock.release()
+            if isinstance(e, ContextTooLongError):
+                raise ApiError(400, str(e), "context") from None
+            if isinstance(e, Busy):
+                raise ApiError(503, f"the server is busy ({e}); try again shortly", kind="server_busy") from None
+            if isinstance(e, ValueError):  # a speaker the model does not know, ...
+                raise ApiError(400, str(e)) from None
+            raise
+        audio = self._encoded(job, first, chunks, StreamEncoder(job.fmt, self.gen.sample_rate), frames, spoken)
+        return _Closing(audio, turn_lock.release if turn_lock is not None else None)
+
+    def _turn_lock(self, conversation: str) -> threading.Lock:
+        with self._lock:
+            if len(self._turn_locks) > 4 * MAX_CONVERSATIONS:  # forget the idle ones now and then
+                self._turn_locks = {c: lock for c, lock in self._turn_locks.items() if lock.locked()}
+            return self._turn_locks.setdefault(conversation, threading.Lock())
 
     def _encoded(self, job: SpeechJob, first, chunks, encoder: StreamEncoder, frames: list, spoken: list):
         stretch = TimeStretch(job.speed, self.gen.sample_rate) if job.speed != 1.0 else None
@@ -281,6 +298,32 @@ class SpeechService:
             self.conversations.move_to_end(conversation)
             while len(self.conversations) > MAX_CONVERSATIONS:
                 self.conversations.popitem(last=False)
+
+
+class _Closing:
+    """An iterator that calls `on_close` once, when it is exhausted or closed, even if it never started (a
+    generator's own `finally` would not run then)."""
+
+    def __init__(self, it: Iterator[bytes], on_close) -> None:
+        self.it, self.on_close = it, on_close
+
+    def __iter__(self) -> _Closing:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            return next(self.it)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        try:
+            self.it.close()
+        finally:
+            if self.on_close is not None:
+                self.on_close, on_close = None, self.on_close
+                on_close()
 
 
 def default_voices(gen: Generator) -> dict[str, Voice]:
