@@ -223,6 +223,12 @@ class _CUDAGraph:
         return out.clone()  # the next replay overwrites `out`
 
 
+def sampling_rows(prepared: Sequence[Prepared], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The requests' top-k [B, 1] and temperature [B, 1], as the frame step takes them."""
+    return (torch.tensor([[p.topk] for p in prepared], device=device),
+            torch.tensor([[p.temperature] for p in prepared], device=device))
+
+
 def frame_step_fns(model: CSM, engine: str, backbone_cache: nn.ModuleList,
                    decoder_cache: nn.ModuleList) -> tuple[FrameStep, Callable, Callable]:
     """The frame step over these caches, and its two entry points (first frame from the prefill's hidden state;
@@ -362,6 +368,21 @@ class Generator:
                         (self.num_codebooks, self.model.cfg.audio_vocab_size))
 
     # --- the engine -------------------------------------------------------------------------------------
+    def prefill(self, prepared: Sequence[Prepared], cache: nn.ModuleList) -> torch.Tensor:
+        """The prompts, right-padded into one batch, through the backbone into the first len(prepared) rows of
+        `cache`: each row's hidden state at its last prompt frame [B, dim]. Padding lands in cache slots past a
+        row's prompt, which the row overwrites before its attention mask reaches them."""
+        b, dev, width = len(prepared), self.device, self.num_codebooks + 1
+        lengths = [len(p.tokens) for p in prepared]
+        s = max(lengths)
+        tokens = torch.zeros(b, s, width, dtype=torch.long)
+        mask = torch.zeros(b, s, width, dtype=torch.bool)
+        for i, p in enumerate(prepared):
+            tokens[i, : lengths[i]], mask[i, : lengths[i]] = p.tokens, p.mask
+        input_pos = torch.arange(s, device=dev).expand(b, s)
+        h, _ = self.model.backbone_forward(tokens.to(dev), mask.to(dev), input_pos, causal_mask(input_pos, s), cache)
+        return h[torch.arange(b, device=dev), torch.tensor(lengths, device=dev) - 1]
+
     def _step_fns(self, batch_size: int) -> tuple[FrameStep, Callable, Callable]:
         """Caches + the frame functions (graphed or compiled when asked) for this batch size. Only the latest batch
         size's are kept, so caches of an old size do not pile up; a repeated size reuses them (and their capture)."""
@@ -380,27 +401,16 @@ class Generator:
         if not requests:
             raise ValueError("no requests")
         prepared = [self.prepare(r) for r in requests]
-        prompts, budgets = [(p.tokens, p.mask) for p in prepared], [p.budget for p in prepared]
-        b, dev, k = len(requests), self.device, self.num_codebooks
-        topk = torch.tensor([[p.topk] for p in prepared], device=dev)
-        temperature = torch.tensor([[p.temperature] for p in prepared], device=dev)
+        budgets, lengths = [p.budget for p in prepared], [len(p.tokens) for p in prepared]
+        b, dev, s = len(requests), self.device, max(lengths)
+        topk, temperature = sampling_rows(prepared, dev)
         max_topk = int(topk.max())
 
         def noise() -> torch.Tensor:  # one row per request from its own generator: seeds stay per request
             return torch.stack([p.noise() for p in prepared])
 
         step, first_frame, next_frame = self._step_fns(b)
-        lengths = [len(p[0]) for p in prompts]
-        s = max(lengths)
-        tokens = torch.zeros(b, s, k + 1, dtype=torch.long)
-        mask = torch.zeros(b, s, k + 1, dtype=torch.bool)
-        for i, (t, m) in enumerate(prompts):
-            tokens[i, : len(t)], mask[i, : len(t)] = t, m
-        tokens, mask = tokens.to(dev), mask.to(dev)
-        input_pos = torch.arange(s, device=dev).expand(b, s)
-        h, _ = self.model.backbone_forward(tokens, mask, input_pos, causal_mask(input_pos, s), step.backbone_cache)
-        last = h[torch.arange(b, device=dev), torch.tensor(lengths, device=dev) - 1]
-        frame = first_frame(last, noise(), temperature, topk, max_topk)
+        frame = first_frame(self.prefill(prepared, step.backbone_cache), noise(), temperature, topk, max_topk)
 
         pos = torch.tensor(lengths, device=dev)[:, None]  # where each row's newest frame goes
         active = torch.ones(b, dtype=torch.bool, device=dev)

@@ -21,8 +21,8 @@ from typing import Iterator
 
 import torch
 
-from ..generate import FrameStep, Generator, Prepared, Request, frame_step_fns
-from ..model import cache_rows, causal_mask
+from ..generate import FrameStep, Generator, Prepared, Request, frame_step_fns, sampling_rows
+from ..model import cache_rows
 
 _DONE = object()
 
@@ -191,23 +191,15 @@ class Batcher:
             self._emit(i, frames[i])
 
     def _admit(self, admitted: list[tuple[int, Job]]) -> None:
-        """Prefill the new requests' prompts in one padded batch (as Generator.iter_frames does), make their first
-        frames, and copy each prompt's keys and values into its slot's cache row."""
-        m, dev = self.gen.model, self.gen.device
+        """Prefill the new requests' prompts in one padded batch (`Generator.prefill`), make their first frames, and
+        copy each prompt's keys and values into its slot's cache row."""
+        m = self.gen.model
         prepared = [job.prepared for _, job in admitted]
         lengths = [len(p.tokens) for p in prepared]
-        b, s = len(admitted), max(lengths)
-        tokens = torch.zeros(b, s, self.gen.num_codebooks + 1, dtype=torch.long)
-        mask = torch.zeros(b, s, self.gen.num_codebooks + 1, dtype=torch.bool)
-        for j, p in enumerate(prepared):
-            tokens[j, : lengths[j]], mask[j, : lengths[j]] = p.tokens, p.mask
         # Scratch caches as long as the longest prompt: the rows of the slot caches need not be neighbours.
-        scratch_b, scratch_d = m.backbone.new_cache(b, s), m.decoder.new_cache(b)
-        input_pos = torch.arange(s, device=dev).expand(b, s)
-        h, _ = m.backbone_forward(tokens.to(dev), mask.to(dev), input_pos, causal_mask(input_pos, s), scratch_b)
-        last = h[torch.arange(b, device=dev), torch.tensor(lengths, device=dev) - 1]
-        topk = torch.tensor([[p.topk] for p in prepared], device=dev)
-        temperature = torch.tensor([[p.temperature] for p in prepared], device=dev)
+        scratch_b, scratch_d = m.backbone.new_cache(len(prepared), max(lengths)), m.decoder.new_cache(len(prepared))
+        last = self.gen.prefill(prepared, scratch_b)
+        topk, temperature = sampling_rows(prepared, self.gen.device)
         first = FrameStep(m, scratch_b, scratch_d, static=self.static).frame_from_hidden(
             last, torch.stack([p.noise() for p in prepared]), temperature, topk, int(topk.max()))
         for slot, scratch in zip(self.backbone_cache, scratch_b):
