@@ -65,13 +65,18 @@ def load_audio(
     return torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32))
 
 
+def _samples(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Audio as a float32 numpy array, whatever it came as."""
+    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
+
+
 def save_audio(path: str | os.PathLike, wav: torch.Tensor | np.ndarray, sample_rate: int = 24_000) -> None:
     """Write [T] mono or [C, T] audio (float, nominally in [-1, 1]); the format follows the extension (.wav -> 16-bit
     PCM, .flac, .ogg). Samples outside [-1, 1] are clipped for integer formats."""
     import soundfile as sf
 
     path = Path(path)
-    x = wav.detach().float().cpu().numpy() if isinstance(wav, torch.Tensor) else np.asarray(wav, dtype=np.float32)
+    x = _samples(wav)
     if x.ndim == 1:
         x = x[None]
     if x.ndim != 2:
@@ -134,7 +139,6 @@ class StreamEncoder:
         if fmt not in STREAM_FORMATS:
             raise AudioError(f"unsupported audio format {fmt!r}; choose one of {', '.join(STREAM_FORMATS)}")
         self.fmt, self.sample_rate = fmt, sample_rate
-        self.content_type = STREAM_FORMATS[fmt][2]
         self._header = fmt == "wav"
         self._file = self._sink = None
         if fmt in ("mp3", "opus", "flac"):
@@ -146,7 +150,7 @@ class StreamEncoder:
             self._file = sf.SoundFile(self._sink, "w", sample_rate, 1, format=format_, subtype=subtype, **extra)
 
     def write(self, chunk: torch.Tensor | np.ndarray) -> bytes:
-        x = chunk.detach().float().cpu().numpy() if isinstance(chunk, torch.Tensor) else np.asarray(chunk, np.float32)
+        x = _samples(chunk)
         x = np.clip(np.nan_to_num(x.reshape(-1), nan=0.0), -1.0, 1.0)
         if self._file is not None:
             self._file.write(x)
@@ -198,7 +202,7 @@ class TimeStretch:
         self.taken = self.given = 0  # samples in and out, so that the whole output is len(input) / rate long
 
     def process(self, chunk: torch.Tensor | np.ndarray, final: bool = False) -> np.ndarray:
-        x = chunk.detach().float().cpu().numpy() if isinstance(chunk, torch.Tensor) else np.asarray(chunk, np.float32)
+        x = _samples(chunk)
         self.buf = np.concatenate([self.buf, x.reshape(-1)])
         self.taken += x.size
         out = []
