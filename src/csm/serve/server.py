@@ -90,7 +90,8 @@ class SpeechService:
         self.fixed_voices = frozenset(self.voices)  # the model's and the voices file's: not replaced at run time
         self.conversations: collections.OrderedDict[str, list[Segment]] = collections.OrderedDict()
         self._lock = threading.Lock()
-        self._turn_locks: dict[str, threading.Lock] = {}  # one per conversation being spoken
+        self._speaking: set[str] = set()  # conversations with a turn being spoken now
+        self._speaking_changed = threading.Condition()
 
     # --- checking a request ----------------------------------------------------------------------------
     def parse(self, body: object) -> SpeechJob:
@@ -226,34 +227,41 @@ class SpeechService:
         """The request's audio, encoded, as the frames come. The first item is ready before it returns, so errors
         in the request (a context too long, ...) raise here, before a response has started."""
         frames: list[torch.Tensor] = []
-        # A conversation's requests are spoken one at a time, each after the turns before it had finished.
-        turn_lock = self._turn_lock(job.conversation) if job.conversation is not None else None
-        if turn_lock is not None and not turn_lock.acquire(timeout=600):
-            raise ApiError(503, f"conversation {job.conversation!r} is still speaking another turn",
-                           kind="server_busy")
+        self._begin_turn(job.conversation)
         try:
-            context, spoken = self._fit(job, self._history(job))
-            chunks = self.gen.stream_long(job.text, job.speaker, context, chunk_frames=self.chunk_frames,
-                                          source=self._recording(frames), **job.options)
-            first = next(chunks, None)
-        except BaseException as e:
-            if turn_lock is not None:
-                turn_lock.release()
-            if isinstance(e, ContextTooLongError):
+            try:
+                context, spoken = self._fit(job, self._history(job))
+                chunks = self.gen.stream_long(job.text, job.speaker, context, chunk_frames=self.chunk_frames,
+                                              source=self._recording(frames), **job.options)
+                first = next(chunks, None)
+            except ContextTooLongError as e:
                 raise ApiError(400, str(e), "context") from None
-            if isinstance(e, Busy):
+            except Busy as e:
                 raise ApiError(503, f"the server is busy ({e}); try again shortly", kind="server_busy") from None
-            if isinstance(e, ValueError):  # a speaker the model does not know, ...
+            except ValueError as e:  # a speaker the model does not know, ...
                 raise ApiError(400, str(e)) from None
+        except BaseException:
+            self._end_turn(job.conversation)
             raise
         audio = self._encoded(job, first, chunks, StreamEncoder(job.fmt, self.gen.sample_rate), frames, spoken)
-        return _Closing(audio, turn_lock.release if turn_lock is not None else None)
+        return _Closing(audio, lambda: self._end_turn(job.conversation))
 
-    def _turn_lock(self, conversation: str) -> threading.Lock:
-        with self._lock:
-            if len(self._turn_locks) > 4 * MAX_CONVERSATIONS:  # forget the idle ones now and then
-                self._turn_locks = {c: lock for c, lock in self._turn_locks.items() if lock.locked()}
-            return self._turn_locks.setdefault(conversation, threading.Lock())
+    def _begin_turn(self, conversation: str | None) -> None:
+        """A conversation's requests are spoken one at a time, each after the turns before it have finished."""
+        if conversation is None:
+            return
+        with self._speaking_changed:
+            if not self._speaking_changed.wait_for(lambda: conversation not in self._speaking, timeout=600):
+                raise ApiError(503, f"conversation {conversation!r} is still speaking another turn",
+                               kind="server_busy")
+            self._speaking.add(conversation)
+
+    def _end_turn(self, conversation: str | None) -> None:
+        if conversation is None:
+            return
+        with self._speaking_changed:
+            self._speaking.discard(conversation)
+            self._speaking_changed.notify_all()
 
     def _encoded(self, job: SpeechJob, first, chunks, encoder: StreamEncoder, frames: list, spoken: list):
         stretch = TimeStretch(job.speed, self.gen.sample_rate) if job.speed != 1.0 else None
@@ -468,15 +476,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def _stream(self, job: SpeechJob, audio: Iterator[bytes]) -> None:
         t0, sent = time.perf_counter(), 0
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream" if job.sse else STREAM_FORMATS[job.fmt][2])
-        unknown = self.server.service.gen.unknown_words(job.text)
-        if unknown:  # a small voice mumbles words it never heard: say which (ASCII, as headers must be)
-            self.send_header("X-CSM-Unknown-Words", ",".join(unknown).encode("ascii", "replace").decode())
-        self.send_header("Transfer-Encoding", "chunked")
-        self.send_header("Cache-Control", "no-cache")
-        self.end_headers()
-        try:
+        try:  # from the headers on: a client gone before them must also free its slot and conversation
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream" if job.sse else STREAM_FORMATS[job.fmt][2])
+            unknown = self.server.service.gen.unknown_words(job.text)
+            if unknown:  # a small voice mumbles words it never heard: say which (ASCII, as headers must be)
+                self.send_header("X-CSM-Unknown-Words", ",".join(unknown).encode("ascii", "replace").decode())
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
             for data in audio:
                 if data:
                     sent += len(data)
