@@ -250,6 +250,43 @@ def test_teacher_forced_script_writes_every_variant(tiny_ckpt, tmp_path):
     assert not torch.equal(drawn, greedy)
 
 
+def test_gta_codes_script_feeds_train_codec(tiny_ckpt, tmp_path):
+    """scripts/gta_codes.py: each clip's own codes and the CSM's teacher-forced draws, frame-aligned, in a folder
+    that `csm train-codec --decoder-only` trains on."""
+    import json
+
+    import soundfile as sf
+    import torch
+    from safetensors.torch import load_file
+
+    from csm.audio import load_audio
+    from csm.mimi import load_model_codec
+
+    codec = load_model_codec(tiny_ckpt)
+    (tmp_path / "wavs").mkdir()
+    rows = []
+    for i, frames in enumerate((3, 5)):
+        sf.write(tmp_path / "wavs" / f"{i}.wav", 0.1 * torch.randn(frames * 1920).numpy(), codec.sample_rate)
+        rows.append({"audio": f"wavs/{i}.wav", "text": "See you at seven.", "speaker": i})
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "gta"
+    run(sys.executable, "scripts/gta_codes.py", str(tmp_path / "m.jsonl"), str(out), "--model", str(tiny_ckpt),
+        "--draws", "3", "--topk", "5")
+    kept = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["frames"] for r in kept] == [3, 5] and [r["speaker"] for r in kept] == [0, 1]
+    codes = load_file(str(out / "codes.safetensors"))
+    for i, frames in enumerate((3, 5)):
+        own = codec.encode(load_audio(kept[i]["audio"], sample_rate=codec.sample_rate))[:, :frames]
+        assert torch.equal(codes[f"true.{i}"].long(), own[: codes[f"true.{i}"].shape[0]])
+        assert codes[f"gta.{i}"].shape == (3, *codes[f"true.{i}"].shape)
+    res = run(sys.executable, "-m", "csm.cli", "train-codec", "--data", str(out), "--decoder-only", "--init",
+              str(tiny_ckpt / "codec"), "--out", str(tmp_path / "ft"), "--steps", "2", "--batch-size", "2",
+              "--segment-frames", "2", "--eval-clips", "1", "--mel-scales", "256,512", "--no-progress",
+              "--threads", "1")
+    assert (tmp_path / "ft" / "step-000002" / "model.safetensors").is_file(), res.stderr
+    assert "val_gta_mel_l1" in (tmp_path / "ft" / "log.jsonl").read_text()
+
+
 def test_resynthesize_script_with_the_latent(tiny_ckpt, tmp_path):
     """scripts/resynthesize.py: one folder per codebook count and, with --latent, the unquantized path; JSON scores."""
     import json

@@ -13,7 +13,7 @@ import torch
 from csm.mimi import load_mimi
 from csm.mimi.config import preset
 from csm.train.codec import (
-    ClipSet, CodecModel, CodecTrainConfig, EMACodebooks, MultiScaleMelLoss, add_subcommand, audio_paths,
+    ClipSet, CodecModel, CodeSet, CodecTrainConfig, EMACodebooks, MultiScaleMelLoss, add_subcommand, audio_paths,
     mel_filterbank, parse_mel_scales, quantize_train, train_codec,
 )
 
@@ -215,6 +215,67 @@ def test_mel_filterbank_and_loss():
     x = synth_clips(1, 0.3)[0][None]
     assert float(loss(x, x)) == 0.0
     assert float(loss(0.5 * x, x)) > 0.1
+
+
+def write_code_folder(folder, frames=(6, 8, 7), draws=2, gta_offset=8):
+    """A scripts/gta_codes.py folder whose codes and audio both say which frame they are: frame f of every clip is
+    the constant (f + 1) / 100, its codes f (own) and f + gta_offset * (r + 1) (draw r)."""
+    import soundfile as sf
+    from safetensors.torch import save_file
+
+    fs, k = preset("tiny").frame_size, preset("tiny").num_codebooks
+    folder.mkdir()
+    tensors, rows = {}, []
+    for i, n in enumerate(frames):
+        audio = torch.arange(1, n + 1).repeat_interleave(fs).float() / 100
+        sf.write(str(folder / f"c{i}.wav"), audio[: n * fs - fs // 2].numpy(), SR, subtype="FLOAT")  # a short tail
+        true = torch.arange(n).repeat(k, 1)
+        tensors[f"true.{i}"] = true.to(torch.int16)
+        tensors[f"gta.{i}"] = torch.stack([true + gta_offset * (r + 1) for r in range(draws)]).to(torch.int16)
+        rows.append({"audio": str(folder / f"c{i}.wav"), "text": "x", "speaker": 0, "frames": n})
+    save_file(tensors, str(folder / "codes.safetensors"))
+    (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_code_folder_crops_stay_frame_aligned(tmp_path):
+    """A GTA crop's audio is the very frames its codes stand for, whether the codes are the clip's own or a draw."""
+    fs = preset("tiny").frame_size
+    codes_set = CodeSet.load(write_code_folder(tmp_path / "gta"), SR, fs)
+    assert [len(c) for c in codes_set.clips] == [6 * fs, 8 * fs, 7 * fs]  # the short tail padded to whole frames
+    for share in (0.0, 1.0):
+        wav, codes = codes_set.batch(16, 4, share, torch.Generator().manual_seed(0))
+        assert wav.shape == (16, 1, 4 * fs) and codes.shape == (16, 4, 4)
+        frame = codes % 8  # which frame of its clip each code stands for
+        assert torch.equal(codes >= 8, torch.full_like(codes, share == 1.0))  # own codes or draws, as asked
+        assert torch.equal(codes, codes[:, :1].expand_as(codes))  # all codebooks of a frame from the same source
+        assert torch.equal(frame[:, 0, 1:] - frame[:, 0, :-1], torch.ones(16, 3, dtype=torch.long))
+        level = wav[:, 0, fs // 4:: fs]  # a sample in each frame's first half (the written clips lack the second of their last)
+        assert torch.allclose(level, (frame[:, 0] + 1).float() / 100)
+    _, codes = codes_set.batch(64, 4, 0.5, torch.Generator().manual_seed(1))
+    drawn = codes[:, 0, 0] >= 8
+    assert 10 < int(drawn.sum()) < 54 and {8, 16} == set((codes[drawn, 0, 0] - codes[drawn, 0, 0] % 8).tolist())
+    train, held = codes_set.split(1, seed=0)
+    assert len(train) == 2 and len(held) == 1
+    second = write_code_folder(tmp_path / "gta2", frames=(5,))
+    both = CodeSet.load(f"{tmp_path / 'gta'},{second}", SR, fs)  # comma-joined folders: one set
+    assert len(both) == 4 and torch.equal(both.true[3], CodeSet.load(second, SR, fs).true[0])
+
+
+def test_decoder_learns_from_a_code_folder(trained, tmp_path):
+    """--data a GTA folder + --decoder-only: the decoder trains on its codes, the codes' side stays frozen, the log
+    holds the held-out draws' mel error; without --decoder-only it is refused."""
+    out, _, _ = trained
+    init = out / "step-000040"
+    folder = write_code_folder(tmp_path / "gta", frames=(12, 14, 13, 12), gta_offset=8)
+    records = train_codec(tiny_cfg(tmp_path / "ft", data=str(folder), init=str(init), decoder_only=True, steps=4,
+                                   segment_frames=6, eval_clips=1, warmup_steps=1))
+    assert any("val_gta_mel_l1" in r and math.isfinite(r["val_gta_mel_l1"]) for r in records)
+    before, after = load_mimi(init).state_dict(), load_mimi(tmp_path / "ft" / "step-000004").state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quantizer.")))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    with pytest.raises(ValueError, match="--decoder-only"):
+        train_codec(tiny_cfg(tmp_path / "x", data=str(folder), init=str(init)))
 
 
 def test_data_and_cli(tmp_path):

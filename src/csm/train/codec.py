@@ -78,13 +78,16 @@ def codec_config(name: str) -> MimiConfig:
 
 @dataclass
 class CodecTrainConfig:
-    data: str  # a .jsonl/.csv manifest (field `audio`) or a folder of audio files
+    data: str  # a .jsonl/.csv manifest (field `audio`), a folder of audio files, or a scripts/gta_codes.py folder
     out: str  # checkpoints step-NNNNNN/ and log.jsonl
     preset: str = "embedded"  # codec architecture: CODEC_PRESETS or csm.mimi presets
     model_config: str | None = None  # a transformers-style Mimi config.json instead of --preset
     resume: str | None = None  # a checkpoint directory, or "latest"
     init: str | None = None  # start from this codec's weights (a step-NNNNNN/ dir or a packaged codec): fresh optimizer
     decoder_only: bool = False  # train only the decoder side on frozen codes (needs --init or --resume)
+    # With --data a scripts/gta_codes.py folder (decoder-only): the clips' own codes and a CSM's ground-truth-aligned
+    # draws, so that the decoder learns to turn what the CSM samples into the clip's audio (Tacotron 2's GTA trick).
+    gta_share: float = 0.5  # probability that a crop decodes one of the CSM's draws instead of the clip's own codes
     # Data
     segment_frames: int = 12  # crop length in code frames (12 x 1920 samples = 0.96 s)
     eval_clips: int = 16  # held-out clips (the last ones of a seeded shuffle)
@@ -295,6 +298,96 @@ def quantize_train(rvq: RVQ, books: EMACodebooks, latent: Tensor, keep: Tensor, 
     return out, commit, torch.stack(codes, dim=1), replaced
 
 
+def is_code_folder(source: str | os.PathLike) -> bool:
+    """`scripts/gta_codes.py` output folders (codes.safetensors + manifest.jsonl; several joined by commas) rather
+    than audio."""
+    parts = [p for p in str(source).split(",") if p]
+    return bool(parts) and all((Path(p) / "codes.safetensors").is_file() for p in parts)
+
+
+class CodeSet:
+    """Clips with their codes, frame-aligned (a `scripts/gta_codes.py` folder): the codec's own codes `true.i` [K, F]
+    and a CSM's draws `gta.i` [R, K, F]. Crops start on frame boundaries so codes and audio stay aligned."""
+
+    def __init__(self, clips: list[Tensor], true: list[Tensor], gta: list[Tensor], frame_size: int,
+                 sample_rate: int = 24_000):
+        if not clips:
+            raise ValueError("no clips")
+        self.clips, self.true, self.gta = clips, true, gta
+        self.frame_size, self.sample_rate = frame_size, sample_rate
+        self.lengths = torch.tensor([t.shape[-1] for t in true], dtype=torch.float64)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, sample_rate: int, frame_size: int, progress: bool = False) -> CodeSet:
+        from safetensors.torch import load_file
+
+        from ..audio import load_audio
+
+        if "," in str(folder):  # several folders: one set
+            sets = [cls.load(f, sample_rate, frame_size, progress) for f in str(folder).split(",") if f]
+            return cls(*([x for c in sets for x in getattr(c, name)] for name in ("clips", "true", "gta")),
+                       frame_size, sample_rate)
+        folder = Path(folder)
+        if not (folder / "codes.safetensors").is_file() or not (folder / "manifest.jsonl").is_file():
+            raise FileNotFoundError(f"{folder}: expected codes.safetensors and manifest.jsonl "
+                                    "(written by scripts/gta_codes.py)")
+        rows = [json.loads(x) for x in (folder / "manifest.jsonl").read_text(encoding="utf-8").splitlines() if x]
+        codes = load_file(str(folder / "codes.safetensors"))
+        it = range(len(rows))
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, desc="loading audio", leave=False)
+        clips, true, gta = [], [], []
+        for i in it:
+            t = codes[f"true.{i}"].long()
+            wav = load_audio(rows[i]["audio"], sample_rate)
+            # the codec pads the last frame: pad the audio to whole frames so every code has its samples
+            clips.append(F.pad(wav, (0, max(0, t.shape[-1] * frame_size - len(wav))))[: t.shape[-1] * frame_size])
+            true.append(t)
+            gta.append(codes[f"gta.{i}"].long())
+        return cls(clips, true, gta, frame_size, sample_rate)
+
+    def split(self, n_eval: int, seed: int) -> tuple[CodeSet, CodeSet | None]:
+        """(train, held-out): the last n_eval clips of a seeded shuffle are held out."""
+        order = torch.randperm(len(self.clips), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_eval = min(n_eval, max(0, len(order) - 1))
+
+        def pick(idx: list[int]) -> CodeSet:
+            return CodeSet([self.clips[i] for i in idx], [self.true[i] for i in idx], [self.gta[i] for i in idx],
+                           self.frame_size, self.sample_rate)
+
+        return pick(order[: len(order) - n_eval]), (pick(order[len(order) - n_eval:]) if n_eval else None)
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    @property
+    def seconds(self) -> float:
+        return sum(len(c) for c in self.clips) / self.sample_rate
+
+    def batch(self, batch_size: int, frames: int, gta_share: float, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(audio [B, 1, frames * frame_size], codes [B, K, frames]): clips drawn in proportion to their length, a
+        random whole-frame offset, the CSM's draw with probability gta_share (a random one of them), else the clip's
+        own codes; short clips are zero-padded (audio) and padded with their last frame's codes."""
+        idx = torch.multinomial(self.lengths, batch_size, replacement=True, generator=gen)
+        k = self.true[0].shape[0]
+        wav = torch.zeros(batch_size, 1, frames * self.frame_size)
+        codes = torch.zeros(batch_size, k, frames, dtype=torch.long)
+        for b, i in enumerate(idx.tolist()):
+            n = self.true[i].shape[-1]
+            start = int(torch.randint(0, max(1, n - frames + 1), (1,), generator=gen))
+            src = self.true[i]
+            if float(torch.rand((), generator=gen)) < gta_share:
+                src = self.gta[i][int(torch.randint(0, self.gta[i].shape[0], (1,), generator=gen))]
+            piece = src[:, start: start + frames]
+            codes[b, :, : piece.shape[-1]] = piece
+            codes[b, :, piece.shape[-1]:] = piece[:, -1:]
+            audio = self.clips[i][start * self.frame_size: (start + frames) * self.frame_size]
+            wav[b, 0, : len(audio)] = audio
+        return wav, codes
+
+
 class CodecModel(nn.Module):
     """Mimi plus the EMA state of its codebooks: the trainable codec."""
 
@@ -335,6 +428,13 @@ class CodecModel(nn.Module):
         """The inference condition: frozen codes from all codebooks -> the trainable decoder side."""
         with torch.no_grad():
             latent = self.mimi.quantizer.decode(self.mimi.quantizer.encode(self.mimi.encode_latent(wav)))
+        recon = self.mimi.decode_latent(latent)
+        return {"recon": recon, "commit": recon.new_zeros(()), "replaced": torch.tensor(0)}
+
+    def forward_codes(self, codes: Tensor) -> dict[str, Tensor]:
+        """Given codes [B, K, F] (frozen quantizer) -> the trainable decoder side's audio."""
+        with torch.no_grad():
+            latent = self.mimi.quantizer.decode(codes)
         recon = self.mimi.decode_latent(latent)
         return {"recon": recon, "commit": recon.new_zeros(()), "replaced": torch.tensor(0)}
 
@@ -622,15 +722,34 @@ def evaluate(model: CodecModel, clips: list[Tensor], device: torch.device, val_m
     return out
 
 
+@torch.no_grad()
+def evaluate_codes(model: CodecModel, held_out: CodeSet, device: torch.device, val_mel: ValMel,
+                   max_frames: int) -> dict[str, float]:
+    """Held-out clips decoded from the CSM's first draw: `val_gta_mel_l1`, the log-mel L1 against the clip."""
+    model.eval()
+    model.sync_codebooks()
+    total = 0.0
+    for clip, gta in zip(held_out.clips, held_out.gta):
+        codes = gta[0][:, :max_frames].to(device)[None]
+        x = clip[: codes.shape[-1] * held_out.frame_size].to(device)
+        y = model.mimi.decode(codes)[0, :, : len(x)]
+        total += float(val_mel(y, x[None]))
+    model.train()
+    return {"val_gta_mel_l1": total / len(held_out)}
+
+
 # --- the loop -----------------------------------------------------------------------------------------------------
 
 
 def training_step(model: CodecModel, wav: Tensor, cfg: CodecTrainConfig, step: int, mel_loss: MultiScaleMelLoss,
-                  disc: MultiScaleSTFTDiscriminator | None = None) -> tuple[Tensor, dict[str, float]]:
-    """Forward + loss of one batch (updates the EMA codebooks unless decoder-only). -> (total generator loss,
-    scalar metrics)."""
+                  disc: MultiScaleSTFTDiscriminator | None = None, codes: Tensor | None = None,
+                  ) -> tuple[Tensor, dict[str, float]]:
+    """Forward + loss of one batch (updates the EMA codebooks unless decoder-only; `codes` [B, K, F]: decode these
+    instead of encoding the audio). -> (total generator loss, scalar metrics)."""
     c, B = model.cfg, wav.shape[0]
-    if cfg.decoder_only:
+    if codes is not None:
+        out = model.forward_codes(codes)
+    elif cfg.decoder_only:
         out = model.forward_decoder_only(wav)
     else:
         g = _gen(cfg.seed, step, 1)
@@ -673,6 +792,12 @@ def train_codec(cfg: CodecTrainConfig, *, clips: ClipSet | None = None, eval_cli
         raise FileNotFoundError(f"{start_dir}: no {WEIGHTS_FILE} (expected a train-codec step-NNNNNN/ or codec directory)")
     if cfg.decoder_only and start_dir is None:
         raise ValueError("--decoder-only fine-tunes a trained codec: give --init DIR (or --resume)")
+    from_codes = is_code_folder(cfg.data)
+    if from_codes and not cfg.decoder_only:
+        raise ValueError(f"{cfg.data} holds codes (scripts/gta_codes.py): they train the decoder alone, add "
+                         "--decoder-only")
+    if not 0.0 <= cfg.gta_share <= 1.0:
+        raise ValueError(f"--gta-share must be in [0, 1], got {cfg.gta_share}")
     mimi_cfg = _model_config(cfg)
     if start_dir:
         mimi_cfg = _model_config(replace(cfg, model_config=str(start_dir / CONFIG_FILE)))
@@ -691,6 +816,10 @@ def train_codec(cfg: CodecTrainConfig, *, clips: ClipSet | None = None, eval_cli
     model.to(device).train()
     sr, frame = mimi_cfg.sample_rate, mimi_cfg.frame_size
 
+    code_set = held_codes = None
+    if from_codes and clips is None:  # clips, codes and the held-out split all come from the codes folder
+        code_set, held_codes = CodeSet.load(cfg.data, sr, frame, cfg.progress).split(cfg.eval_clips, cfg.seed)
+        clips, eval_clips = code_set, held_codes.clips if held_codes else []
     if clips is None:
         paths = audio_paths(cfg.data)
         order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
@@ -748,11 +877,16 @@ def train_codec(cfg: CodecTrainConfig, *, clips: ClipSet | None = None, eval_cli
     while step < cfg.steps and not out_of_time:
         t_step = time.perf_counter()
         torch.manual_seed((cfg.seed * 1_000_003 + step * 1_009) % 2**63)  # dead-code sampling, initialisation
-        wav = clips.batch(cfg.batch_size, length, _gen(cfg.seed, step, 0)).to(device)
+        codes = None
+        if code_set is not None:
+            wav, codes = code_set.batch(cfg.batch_size, cfg.segment_frames, cfg.gta_share, _gen(cfg.seed, step, 0))
+            wav, codes = wav.to(device), codes.to(device)
+        else:
+            wav = clips.batch(cfg.batch_size, length, _gen(cfg.seed, step, 0)).to(device)
         lr = lr_at(cfg, step, train_seconds / budget if budget else 0.0)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss, metrics = training_step(model, wav, cfg, step, mel_loss, disc)
+        loss, metrics = training_step(model, wav, cfg, step, mel_loss, disc, codes)
         recon = metrics.pop("_recon")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -785,6 +919,8 @@ def train_codec(cfg: CodecTrainConfig, *, clips: ClipSet | None = None, eval_cli
         paused = time.perf_counter()
         if eval_clips and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
             record = {"step": step, **(record or {}), **evaluate(model, eval_clips, device, val_mel)}
+            if held_codes is not None:
+                record.update(evaluate_codes(model, held_codes, device, val_mel, eval_len // frame))
         if record is not None:
             record["time"] = time.time()
             record["train_minutes"] = train_seconds / 60
@@ -813,7 +949,7 @@ def _log(out: Path, record: dict, bar) -> None:
         f.write(json.dumps(record) + "\n")
     parts = [f"step {record['step']}"]
     for key in ("loss", "mel_loss", "commit", "replaced", "lr", "grad_norm", "seconds_per_step", "val_mel_l1",
-                "val_snr", "val_code_perplexity"):
+                "val_gta_mel_l1", "val_snr", "val_code_perplexity"):
         if key in record:
             v = record[key]
             parts.append(f"{key} {v:.2e}" if key == "lr" else f"{key} {v:.4g}")
@@ -825,7 +961,8 @@ def _log(out: Path, record: dict, bar) -> None:
 HELP = {
     **SCHEDULE_HELP,
     "data": "a .jsonl/.csv manifest (field: audio) or a folder of audio files, or several joined by commas; clips are "
-            "loaded into memory",
+            "loaded into memory. With --decoder-only also a scripts/gta_codes.py folder: the decoder learns to turn "
+            "both the clips' codes and a CSM's ground-truth-aligned draws into their audio",
     "out": "output directory: checkpoints step-NNNNNN/ (load with csm.mimi.load_mimi) and log.jsonl",
     "preset": f"codec architecture: one of {sorted(CODEC_PRESETS)} or a csm.mimi preset",
     "model_config": "a transformers-style Mimi config.json instead of --preset",
@@ -839,6 +976,7 @@ HELP = {
     "mel_floor": "floor of the mel magnitudes before the log of the log-mel loss (default 3e-3, ~60 dB under "
                  "speech peaks; 1e-5 spends most of the loss on near-silent bins)",
     "init": "start from a trained codec's weights (a step-NNNNNN/ directory) with a fresh optimizer at step 0",
+    "gta_share": "when --data is a scripts/gta_codes.py folder: probability that a crop decodes one of the CSM's draws instead of the clip's codes",
     "decoder_only": "fine-tune only the decoder side (upsample, decoder transformer, SEANet decoder) on the frozen "
                     "codes of all codebooks: codes already prepared for a CSM stay valid",
     "adversarial": "add a multi-scale STFT discriminator (hinge) + feature matching",
