@@ -29,9 +29,7 @@ from tqdm import tqdm
 
 from csm.audio import load_audio
 from csm.frames import Segment, segment_frames
-from csm.generate import load_generator
-from csm.mimi import load_model_codec
-from teacher_forced import _draw, fill_acoustic  # this folder's diagnosis script: the same draws, written once
+from teacher_forced import _draw, fill_acoustic, load_voice  # this folder's diagnosis script: the same draws
 
 
 def draw_frames(model, h: torch.Tensor, logits: torch.Tensor, draws: int, topk: int, temperature: float,
@@ -56,18 +54,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.model is None:
-        from csm.assets import default_model
-
-        args.model = default_model()
-    codec = load_model_codec(args.model)
-    if codec is None:
-        raise SystemExit(f"{args.model} has no codec beside it")
-    gen = load_generator(args.model, device="cpu", codec=codec)
-    topk = gen.defaults["topk"] if args.topk is None else args.topk
-    temperature = gen.defaults["temperature"] if args.temperature is None else args.temperature
+    gen, topk, temperature = load_voice(args)
     m, k = gen.model, gen.num_codebooks
 
     rows = []

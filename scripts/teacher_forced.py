@@ -50,6 +50,24 @@ def fill_acoustic(model, h: torch.Tensor, c0: torch.Tensor, topk: int, temperatu
     return codes
 
 
+def load_voice(args: argparse.Namespace):
+    """--model (default: the embedded voice) with its codec, on the CPU with --threads -> (generator, top-k,
+    temperature), --topk / --temperature falling back to the model's generation.json."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model is None:
+        from csm.assets import default_model
+
+        args.model = default_model()
+    codec = load_model_codec(args.model)
+    if codec is None:
+        raise SystemExit(f"{args.model} has no codec beside it")
+    gen = load_generator(args.model, device="cpu", codec=codec)
+    topk = gen.defaults["topk"] if args.topk is None else args.topk
+    temperature = gen.defaults["temperature"] if args.temperature is None else args.temperature
+    return gen, topk, temperature
+
+
 @torch.inference_mode()
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,18 +82,7 @@ def main() -> None:
     p.add_argument("--num", type=int, default=0, help="only the first N clips")
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.model is None:
-        from csm.assets import default_model
-
-        args.model = default_model()
-    codec = load_model_codec(args.model)
-    if codec is None:
-        raise SystemExit(f"{args.model} has no codec beside it")
-    gen = load_generator(args.model, device="cpu", codec=codec)
-    topk = gen.defaults["topk"] if args.topk is None else args.topk
-    temperature = gen.defaults["temperature"] if args.temperature is None else args.temperature
+    gen, topk, temperature = load_voice(args)
     m, k = gen.model, gen.num_codebooks
     items = pair_wavs(args.wavs, args.texts)[: args.num or None]
     for n, item in enumerate(items):
