@@ -6,7 +6,7 @@ so that the vocoder learns to turn the model's imperfect output, not only perfec
 the CSM reads each clip teacher-forced (its text, then its true frames) and, for every frame, draws codebook 0 from
 the backbone and codebooks 1..K-1 from the decoder with the voice's own top-k / temperature (what free-running
 generation draws, without its drift; `scripts/teacher_forced.py` measured that drift as nothing). The draws stay
-aligned with the clip frame for frame, so `csm train-codec --decoder-only --codes OUT` can learn to decode them
+aligned with the clip frame for frame, so `csm train-codec --decoder-only --data OUT` can learn to decode them
 into the clip's audio.
 
     python scripts/gta_codes.py data/codec-piper/manifest.jsonl,data/codec-espeak/manifest.jsonl data/gta --draws 4

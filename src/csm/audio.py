@@ -177,6 +177,15 @@ def _wav_header(sample_rate: int) -> bytes:
             b"data" + struct.pack("<I", 0xFFFFFFFF))
 
 
+SPEED_RANGE = (0.25, 4.0)  # OpenAI's bounds on `speed`; the time-stretch's too
+
+
+def check_speed(rate: float, name: str = "speed") -> None:
+    low, high = SPEED_RANGE
+    if not low <= rate <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {rate}")
+
+
 class TimeStretch:
     """Speech faster or slower at the same pitch, chunk by chunk: WSOLA (waveform-similarity overlap-add).
 
@@ -187,8 +196,7 @@ class TimeStretch:
     """
 
     def __init__(self, rate: float, sample_rate: int = 24_000) -> None:
-        if not 0.25 <= rate <= 4.0:
-            raise ValueError(f"speed must be between 0.25 and 4.0, got {rate}")
+        check_speed(rate)
         self.rate = rate
         self.n = int(0.04 * sample_rate) // 2 * 2  # frame length (even)
         self.hop = self.n // 2  # synthesis hop

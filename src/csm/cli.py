@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES = ("csm.train.cli", "csm.train.codec", "csm.evaluate", "csm.b
 def _say(args: argparse.Namespace) -> int:
     import torch
 
+    from .audio import check_speed
     from .generate import load_generator
 
     if (args.text is None) == (args.dialogue is None):
@@ -28,8 +29,7 @@ def _say(args: argparse.Namespace) -> int:
         args.text = " ".join(text for _, text in turns)  # for the vocabulary check
     elif args.text == "-":  # the text from stdin: a paragraph or a whole file (the generator rejects empty text)
         args.text = sys.stdin.read()
-    if not 0.25 <= args.speed <= 4.0:
-        raise ValueError(f"--speed must be between 0.25 and 4, got {args.speed}")
+    check_speed(args.speed, "--speed")  # before the generation it would otherwise follow
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -31,7 +31,7 @@ from typing import Iterator
 
 import torch
 
-from ..audio import STREAM_FORMATS, AudioError, StreamEncoder, TimeStretch, load_audio
+from ..audio import SPEED_RANGE, STREAM_FORMATS, AudioError, StreamEncoder, TimeStretch, load_audio
 from ..frames import Segment
 from ..generate import FRAME_MS, ContextTooLongError, Generator
 from .batcher import Batcher, Busy
@@ -112,7 +112,7 @@ class SpeechService:
         if fmt not in STREAM_FORMATS:
             raise ApiError(400, f"response_format {fmt!r} is not supported; choose one of "
                                 f"{', '.join(STREAM_FORMATS)}", "response_format")
-        speed = _number(body, "speed", 1.0, 0.25, 4.0)
+        speed = _number(body, "speed", 1.0, *SPEED_RANGE)
         stream_format = body.get("stream_format", "audio")
         if stream_format not in ("audio", "sse"):
             raise ApiError(400, f"stream_format must be 'audio' or 'sse', got {stream_format!r}", "stream_format")

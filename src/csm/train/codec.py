@@ -427,9 +427,8 @@ class CodecModel(nn.Module):
     def forward_decoder_only(self, wav: Tensor) -> dict[str, Tensor]:
         """The inference condition: frozen codes from all codebooks -> the trainable decoder side."""
         with torch.no_grad():
-            latent = self.mimi.quantizer.decode(self.mimi.quantizer.encode(self.mimi.encode_latent(wav)))
-        recon = self.mimi.decode_latent(latent)
-        return {"recon": recon, "commit": recon.new_zeros(()), "replaced": torch.tensor(0)}
+            codes = self.mimi.quantizer.encode(self.mimi.encode_latent(wav))
+        return self.forward_codes(codes)
 
     def forward_codes(self, codes: Tensor) -> dict[str, Tensor]:
         """Given codes [B, K, F] (frozen quantizer) -> the trainable decoder side's audio."""
