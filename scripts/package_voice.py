@@ -11,6 +11,10 @@ a CSM fine-tuned from the packaged one just the CSM (adding the fine-tune's corp
 
     python scripts/package_voice.py --swap-codec runs/codec-ft/step-002000 --eval eval.json --out src/csm/assets/voice
     python scripts/package_voice.py --swap-model runs/ft/step-000400 --corpus data/new --out src/csm/assets/voice
+
+A judge (`csm train-judge`) goes in beside them, and generation.json's "best_of" says how many draws it picks from:
+
+    python scripts/package_voice.py --swap-judge runs/judge --best-of 4 --eval eval.json --out src/csm/assets/voice
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 
 from csm.checkpoints import load_checkpoint, save_checkpoint
 from csm.generate import generation_defaults
+from csm.judge import load_judge, save_judge
 from csm.mimi import load_mimi
 from csm.mimi.weights import save_mimi
 from csm.tokenizer import spoken_words
@@ -91,6 +96,21 @@ def codec_lines(codec: torch.nn.Module, checkpoint: Path) -> list[str]:
     if last:
         lines.append(f"  Trained {last['step']} steps ({last.get('train_minutes', 0):.1f} min); held-out "
                      f"log-mel L1 {last['val_mel_l1']:.3f}.")
+    return lines
+
+
+def judge_lines(judge: torch.nn.Module, checkpoint: Path, best_of: int) -> list[str]:
+    """The card's judge bullet: its shape, its training from the run's log, and how generation uses it."""
+    lines = [f"- Judge: a CTC recogniser that reads codes (csm/judge.py), {sum(p.numel() for p in judge.parameters()) / 1e6:.1f} "
+             f"M parameters; each sentence is drawn {best_of} times and the draw it reads best is kept "
+             "(`generation.json` \"best_of\"; `csm say --best-of 1` turns it off)."]
+    log = checkpoint / "log.jsonl"  # csm train-judge writes the judge and its log into one folder
+    records = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
+    last = next((r for r in reversed(records) if "val_cer" in r and "train_utterances" in r), None)
+    if last:
+        lines.append(f"  Trained {last['step']} steps ({last.get('minutes', 0):.1f} min) on {last.get('train_utterances')} "
+                     f"utterances' own codes; on {last.get('held_out')} held-out ones it reads {100 * last['val_cer']:.1f} % "
+                     "of the characters wrong (best path).")
     return lines
 
 
@@ -223,6 +243,36 @@ def swap_codec(args) -> None:
     print(f"wrote {out / 'codec'} and the card ({_mb(out):.1f} MB)")
 
 
+def swap_judge(args) -> None:
+    """--swap-judge: add (or replace) the judge of a packaged voice and set generation.json's "best_of"."""
+    out = Path(args.out)
+    card_path = _packaged(out)
+    judge = load_judge(args.swap_judge)
+    _fits_float16(judge, "the judge")
+    save_judge(judge, out, dtype=STORE)
+    path = out / "generation.json"
+    generation = json.loads(path.read_text()) if path.is_file() else {}
+    generation["best_of"] = args.best_of
+    path.write_text(json.dumps(generation) + "\n")
+    generation_defaults(out)  # checks the keys
+    lines = card_path.read_text().split("\n")
+    if not any(line.startswith("- Judge:") for line in lines):  # a first judge: its bullet goes after the codec's
+        codec = next(i for i, line in enumerate(lines) if line.startswith("- Codec:"))
+        end = next(i for i in range(codec + 1, len(lines)) if not lines[i].startswith("  "))
+        lines[end:end] = ["- Judge:"]
+        card_path.write_text("\n".join(lines))
+    _rewrite_card(args, card_path, "- Judge:", judge_lines(judge, Path(args.swap_judge), args.best_of))
+    _rewrite_generation_line(card_path, generation)
+    print(f"wrote {out / 'judge.safetensors'}, generation.json and the card ({_mb(out):.1f} MB)")
+
+
+def _rewrite_generation_line(card_path: Path, generation: dict) -> None:
+    shown = json.dumps({k: v for k, v in generation.items() if k != "speakers"})
+    lines = [f"- Generation defaults (`generation.json`, used by `csm say` unless overridden): {shown}."
+             if line.startswith("- Generation defaults") else line for line in card_path.read_text().split("\n")]
+    card_path.write_text("\n".join(lines))
+
+
 def swap_model(args) -> None:
     """--swap-model: a CSM fine-tuned from the packaged one (same shape, tokenizer and codec) replaces it. Rewrites
     the weights, the card's CSM bullet, and adds the --corpus folders it was fine-tuned on to the card's Data and
@@ -263,6 +313,10 @@ def main() -> None:
                       help="only replace the CSM of the packaged voice at --out with this `csm train` checkpoint, "
                            "fine-tuned from it (same shape, tokenizer and codec); --corpus adds the fine-tune's data "
                            "to the card and vocabulary.txt; --eval / --notes replace the card's scores / notes")
+    what.add_argument("--swap-judge", metavar="JUDGE",
+                      help="add or replace the judge of the packaged voice at --out with this `csm train-judge` "
+                           "output and set generation.json's best_of to --best-of")
+    p.add_argument("--best-of", type=int, default=4, help="with --swap-judge: draws per sentence (default 4)")
     p.add_argument("--codec", help="a `csm train-codec` checkpoint directory (with --model)")
     p.add_argument("--out", required=True, help="model directory to write (replaced)")
     p.add_argument("--corpus", action="append", default=[],
@@ -276,6 +330,8 @@ def main() -> None:
         return swap_codec(args)
     if args.swap_model:
         return swap_model(args)
+    if args.swap_judge:
+        return swap_judge(args)
     if not args.codec:
         p.error("--model needs --codec")
     corpora = read_corpora(args.corpus)  # first, so that a wrong folder fails before any work

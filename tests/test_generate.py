@@ -251,10 +251,12 @@ def test_model_directory_generation_defaults(tokenizer, tmp_path):
     save_checkpoint(CSM(get_config("tiny")), tmp_path)
     tokenizer.save(tmp_path / "tokenizer.json")
     plain = load_generator(tmp_path, device="cpu")
-    assert plain.defaults == {"speaker": 0, "temperature": 0.9, "topk": 50, "max_words": 30, "spell_numbers": False}
+    assert plain.defaults == {"speaker": 0, "temperature": 0.9, "topk": 50, "max_words": 30, "spell_numbers": False,
+                              "best_of": 1}
     (tmp_path / "generation.json").write_text(json.dumps({"speaker": 2, "topk": 1, "max_words": 3}))
     gen = load_generator(tmp_path, device="cpu")
-    assert gen.defaults == {"speaker": 2, "temperature": 0.9, "topk": 1, "max_words": 3, "spell_numbers": False}
+    assert gen.defaults == {"speaker": 2, "temperature": 0.9, "topk": 1, "max_words": 3, "spell_numbers": False,
+                            "best_of": 1}
     spoken = []
     real = Generator.generate_batch
     gen.generate_batch = lambda reqs: spoken.extend(r.text for r in reqs) or real(gen, reqs)

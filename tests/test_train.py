@@ -579,6 +579,27 @@ def test_package_voice_script(prepared, micro_config, tmp_path):
     assert (out / "vocabulary.txt").read_text().split() == ["bottles", "five", "it's", "maya", "more", "o'clock",
                                                             "please"]
     assert "Vocabulary: the 7 words of these lines" in ft_card
+
+    # --swap-judge: a judge beside the voice and generation.json's best_of; run twice, the card keeps one bullet
+    from csm.generate import load_generator
+    from csm.judge import Judge, JudgeConfig, save_judge
+
+    for best_of, cer in ((3, 0.25), (2, 0.125)):
+        save_judge(Judge(JudgeConfig(dim=16)), tmp_path / "judge")
+        (tmp_path / "judge" / "log.jsonl").write_text(json.dumps({"step": 40, "val_cer": cer, "minutes": 2.0,
+                                                                   "train_utterances": 9, "held_out": 3}) + "\n")
+        subprocess.run([sys.executable, str(script), "--swap-judge", str(tmp_path / "judge"), "--best-of",
+                        str(best_of), "--out", str(out)], check=True, capture_output=True)
+    generation = json.loads((out / "generation.json").read_text())
+    assert generation["best_of"] == 2 and generation["speakers"] == {"0": "a voice", "2": "c voice"}
+    judge_card = (out / "MODEL_CARD.md").read_text()
+    assert judge_card.count("- Judge:") == 1 and "drawn 2 times" in judge_card and "drawn 3 times" not in judge_card
+    assert "  Trained 40 steps (2.0 min) on 9 utterances' own codes; on 3 held-out ones it reads 12.5 %" in judge_card
+    models = judge_card.split("## Models")[1]
+    assert models.index("- Codec:") < models.index("- Judge:")
+    gen = load_generator(out, device="cpu")
+    assert gen.defaults["best_of"] == 2 and gen.judge is not None
+    ft_card = judge_card
     # a checkpoint with another tokenizer is refused, and the packaged voice is left as it was
     (tmp_path / "ft" / "step-000002" / "tokenizer.json").write_text("{}")
     r = subprocess.run([sys.executable, str(script), "--swap-model", str(tmp_path / "ft" / "step-000002"), "--out",

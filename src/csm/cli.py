@@ -10,7 +10,7 @@ from pathlib import Path
 
 # Modules that add subcommands through `add_subcommand(subparsers)`. Missing ones are skipped, so the CLI works
 # while a capability is being built.
-SUBCOMMAND_MODULES = ("csm.train.cli", "csm.train.codec", "csm.evaluate", "csm.bench", "csm.serve.cli")
+SUBCOMMAND_MODULES = ("csm.train.cli", "csm.train.codec", "csm.train.judge", "csm.evaluate", "csm.bench", "csm.serve.cli")
 
 
 def _say(args: argparse.Namespace) -> int:
@@ -36,6 +36,7 @@ def _say(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     gen = load_generator(args.model, device=device, codec=_load_codec(args, device), quantize=args.quantize,
                          engine=args.engine, gemv=args.gemv)
+    gen.use_best_of(args.best_of, args.judge)
     context = [_context_segment(gen, spec) for spec in args.context or []]
     unknown = gen.unknown_words(args.text)
     if unknown:
@@ -156,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a longer sentence is cut at its commas (default: the model's, else 30)")
     say.add_argument("--temperature", type=float, default=None, help="default: the model's, else 0.9")
     say.add_argument("--topk", type=int, default=None, help="default: the model's, else 50")
+    say.add_argument("--best-of", type=int, default=None,
+                     help="draw each sentence N times and keep the one the model's judge reads best (default: the "
+                          "model's generation.json, else 1; the embedded voice: 4)")
+    say.add_argument("--judge", default=None, metavar="DIR", help="a `csm train-judge` folder for --best-of")
     say.add_argument("--seed", type=int, default=None)
     say.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     say.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
@@ -27,10 +28,12 @@ from .tokenizer import TextTokenizer, spell_numbers, split_sentences, spoken_wor
 FRAME_MS = 80  # Mimi: 12.5 frames per second
 # Sampling defaults (Sesame's), and the longest line generate_long speaks in one piece (ours: ~10 s of speech, the
 # default budget); a model directory may override them with a generation.json (see load_generator).
-DEFAULTS = {"speaker": 0, "temperature": 0.9, "topk": 50, "max_words": 30, "spell_numbers": False}
+DEFAULTS = {"speaker": 0, "temperature": 0.9, "topk": 50, "max_words": 30, "spell_numbers": False, "best_of": 1}
 # generation.json may also list the speaker ids the model was trained on ({"speakers": {"0": "description", ...}}):
-# with such a list an unknown id is an error, not an untrained voice.
+# with such a list an unknown id is an error, not an untrained voice. "best_of": N > 1 draws every line N times
+# and keeps the one the model directory's judge (judge.py) reads best; it needs a judge.json there.
 GENERATION_KEYS = (*DEFAULTS, "speakers")
+BEST_OF_SEED_STEP = 1_000_003  # draw i of a line seeded s uses s + i * this: clear of the seed + i of sentences
 
 
 class Codec(Protocol):
@@ -273,6 +276,7 @@ class Generator:
         self.defaults = dict(DEFAULTS)  # used for whatever a call leaves as None
         self.speakers: dict[int, str] | None = None  # id -> description, when the model says which it knows
         self.vocabulary: frozenset[str] | None = None  # the words it learnt, when its directory lists them
+        self.judge = None  # a csm.judge.Judge, when the model directory has one: picks the best of "best_of" draws
         self.num_codebooks = model.cfg.audio_num_codebooks
         self.sample_rate = codec.sample_rate if codec is not None else 24_000
         self.engine = engine or ("graph" if self.device.type == "cuda" else "eager")
@@ -432,16 +436,79 @@ class Generator:
 
     def generate_batch(self, requests: Sequence[Request]) -> list[Speech]:
         """Generate several requests in one batch; each stops on its own EOS or budget."""
+        return [self._speech(codes) for codes in self._codes_batch(requests)]
+
+    def _codes_batch(self, requests: Sequence[Request]) -> list[torch.Tensor]:
+        """Each request's codes [K, F] (EOS excluded), generated in one batch."""
         per_row: list[list[torch.Tensor]] = [[] for _ in requests]
         for frames, active in self.iter_frames(requests):
             frames, active = frames.cpu(), active.cpu()
             for i in active.nonzero()[:, 0].tolist():
                 per_row[i].append(frames[i])
-        out = []
-        for rows in per_row:
-            codes = torch.stack(rows, dim=1) if rows else torch.zeros(self.num_codebooks, 0, dtype=torch.long)
-            out.append(Speech(codes=codes, audio=self.decode_audio(codes), sample_rate=self.sample_rate))
-        return out
+        return [torch.stack(rows, dim=1) if rows else torch.zeros(self.num_codebooks, 0, dtype=torch.long)
+                for rows in per_row]
+
+    def _speech(self, codes: torch.Tensor) -> Speech:
+        return Speech(codes=codes, audio=self.decode_audio(codes), sample_rate=self.sample_rate)
+
+    def use_best_of(self, best_of: int | None, judge: str | os.PathLike | None = None) -> None:
+        """Override generation.json's "best_of" and/or the judge (a `csm train-judge` output folder)."""
+        if judge is not None:
+            from .judge import load_judge
+
+            self.judge = load_judge(judge, self.device)
+        if best_of is not None:
+            if best_of < 1:
+                raise ValueError(f"best_of must be at least 1, got {best_of}")
+            self.defaults["best_of"] = best_of
+        if self.defaults["best_of"] > 1 and self.judge is None:
+            raise ValueError(f"best_of {self.defaults['best_of']} needs a judge: this model has none (give one made "
+                             "by `csm train-judge`)")
+
+    def speak(self, request: Request, best_of: int | None = None) -> Speech:
+        """One request. With a judge and best_of > 1 (default: generation.json's "best_of"), the line is drawn
+        best_of times in one batch (draw i seeded seed + i * BEST_OF_SEED_STEP; draw 0 is what best_of=1 gives) and
+        the draw the judge reads best is kept; only that one is decoded to audio."""
+        n = self._best_of(best_of)
+        if n == 1:
+            return self.generate_batch([request])[0]
+        return self._speech(self._best_draw(request, n))
+
+    def _best_of(self, best_of: int | None = None) -> int:
+        """How many draws a line gets: best_of (default generation.json's), 1 without a judge."""
+        n = self.defaults["best_of"] if best_of is None else best_of
+        if n < 1:
+            raise ValueError(f"best_of must be at least 1, got {n}")
+        return n if self.judge is not None else 1
+
+    def _best_draw(self, request: Request, n: int,
+                   source: Callable[[Request], Iterator[torch.Tensor]] | None = None) -> torch.Tensor:
+        """The codes [K, F] of the judge's pick of n draws of the request: one batch here, or, with a `source` (the
+        server's batcher), n jobs read side by side."""
+        if request.seed is None:  # distinct random draws, still reproducible from one seed drawn here
+            request = replace(request, seed=int(torch.randint(0, 2**31, ())))
+        requests = [replace(request, seed=request.seed + i * BEST_OF_SEED_STEP) for i in range(n)]
+        if source is None:
+            draws = self._codes_batch(requests)
+        else:
+            streams = [source(r) for r in requests]
+            rows: list[list[torch.Tensor]] = [[] for _ in requests]
+            try:
+                live = list(range(n))
+                while live:
+                    for i in list(live):
+                        frame = next(streams[i], None)
+                        if frame is None:
+                            live.remove(i)
+                        else:
+                            rows[i].append(frame.cpu())
+            finally:
+                for stream in streams:
+                    stream.close()
+            draws = [torch.stack(r, dim=1) if r else torch.zeros(self.num_codebooks, 0, dtype=torch.long)
+                     for r in rows]
+        scores = self.judge.rank(draws, request.text)
+        return draws[min(range(n), key=scores.__getitem__)]
 
     def generate(
         self,
@@ -454,8 +521,7 @@ class Generator:
         seed: int | None = None,
     ) -> Speech:
         """Speak one line. speaker / temperature / topk left as None take `self.defaults`."""
-        return self.generate_batch([self.request(text, speaker, context, max_audio_length_ms, temperature, topk,
-                                                 seed)])[0]
+        return self.speak(self.request(text, speaker, context, max_audio_length_ms, temperature, topk, seed))
 
     def generate_long(
         self,
@@ -485,7 +551,7 @@ class Generator:
         previous: Segment | None = None
         for i, line in enumerate(tqdm(lines, unit="sentence", leave=False, disable=not progress or len(lines) < 2)):
             req = self._line_request(line, i, spk, context, previous, max_audio_length_ms, temperature, topk, seed)
-            speech = self.generate_batch([req])[0]
+            speech = self.speak(req)
             if speech.codes.shape[1] > 0:
                 parts.append(speech)
                 previous = Segment(spk, line, speech.codes) if chain else None
@@ -576,26 +642,38 @@ class Generator:
         pause_ms: float = 200,
         chain: bool = True,
         source: Callable[[Request], Iterator[torch.Tensor]] | None = None,
+        spoken: list[torch.Tensor] | None = None,
     ) -> Iterator[torch.Tensor]:
         """`generate_long` as a stream: audio chunks [T] as `stream` yields them, sentence after sentence, with the
         pause as a chunk of its own between sentences. The chunks concatenate to generate_long's audio.
 
         source: what runs each sentence's request, yielding its frames [K] (default: this generator, alone; the
-        server passes its continuous batcher's, which gives the same frames)."""
+        server passes its continuous batcher's, which gives the same frames). spoken: when given, each sentence's
+        frames [K] are appended to it as they are streamed.
+
+        With best_of > 1 (and a judge) a sentence streams only once all its draws are made and the judge has picked
+        one: the first audio comes a sentence later, the price of the clearer draw."""
         if self.codec is None:
             raise ValueError("streaming audio needs a codec")
         lines, spk, context = self._long_setup(text, speaker, context, max_words, pause_ms)
+        n = self._best_of()
         previous: Segment | None = None
-        spoken = False
+        started = False
         for i, line in enumerate(lines):
             req = self._line_request(line, i, spk, context, previous, max_audio_length_ms, temperature, topk, seed)
             frames: list[torch.Tensor] = []
-            for j, chunk in enumerate(self._stream(req, chunk_frames, frames, source)):
-                if j == 0 and spoken:
+            line_source = source
+            if n > 1:
+                best = self._best_draw(req, n, source)
+                line_source = lambda _, best=best: iter(best.unbind(1))  # noqa: E731
+            for j, chunk in enumerate(self._stream(req, chunk_frames, frames, line_source)):
+                if j == 0 and started:
                     yield self._pause(pause_ms)
                 yield chunk
+            if spoken is not None:
+                spoken.extend(frames)
             if frames:
-                spoken = True
+                started = True
                 previous = Segment(spk, line, torch.stack(frames, dim=1)) if chain else None
 
     def _long_setup(self, text: str, speaker: int | None, context: Sequence[Segment], max_words: int | None,
@@ -729,7 +807,28 @@ def load_generator(
     gen.speakers = found.pop("speakers", None)
     gen.defaults.update(found)
     gen.vocabulary = model_vocabulary(source)
+    gen.judge = model_judge(source, device, needed=gen.defaults["best_of"] > 1)
     return gen
+
+
+def model_judge(source: str | os.PathLike, device: str | torch.device, needed: bool):
+    """The judge (judge.py) beside a model: loaded when a local model directory holds one, or when `needed`
+    (generation.json's "best_of" > 1), which makes its absence an error."""
+    from .hub import ModelFilesNotFound, find_files
+    from .judge import CONFIG, WEIGHTS, load_judge
+
+    local = Path(source).expanduser()
+    if local.is_dir() and (local / CONFIG).is_file() and (local / WEIGHTS).is_file():
+        return load_judge(local, device)
+    if not needed:
+        return None
+    try:
+        folder = find_files(source, [CONFIG]).parent
+        find_files(source, [WEIGHTS])
+    except ModelFilesNotFound as e:
+        raise ValueError(f'{source}: its generation.json asks for "best_of" > 1, which needs a judge ({CONFIG} + '
+                         f"{WEIGHTS}, made by `csm train-judge`): {e}") from None
+    return load_judge(folder, device)
 
 
 def model_vocabulary(source: str | os.PathLike) -> frozenset[str] | None:
@@ -745,8 +844,9 @@ def model_vocabulary(source: str | os.PathLike) -> frozenset[str] | None:
 
 def generation_defaults(source: str | os.PathLike) -> dict:
     """The defaults a model directory recommends in generation.json ({"speaker", "temperature", "topk",
-    "max_words", "spell_numbers"}, all optional), e.g. the embedded voice, whose tiny model speaks more clearly with a
-    small top-k, learnt from lines of at most 14 words and never saw a digit; {} if none. "speakers"
+    "max_words", "spell_numbers", "best_of"}, all optional), e.g. the embedded voice, whose tiny model speaks more
+    clearly with a small top-k and its judge's pick of several draws, learnt from lines of at most 14 words and never
+    saw a digit; {} if none. "speakers"
     ({"id": "description"}), if present, comes back as {int id: description}."""
     import json
 
@@ -765,9 +865,10 @@ def generation_defaults(source: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected some of {sorted(GENERATION_KEYS)}")
     if not isinstance(found.get("spell_numbers", False), bool):
         raise ValueError(f'{path}: "spell_numbers" must be true or false, got {found["spell_numbers"]!r}')
-    words = found.get("max_words", 1)
-    if not isinstance(words, int) or isinstance(words, bool) or words < 1:
-        raise ValueError(f'{path}: "max_words" must be a positive integer, got {words!r}')
+    for key in ("max_words", "best_of"):
+        n = found.get(key, 1)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f'{path}: "{key}" must be a positive integer, got {n!r}')
     if "speakers" in found:
         listed = found["speakers"]
         try:

@@ -232,7 +232,7 @@ class SpeechService:
             try:
                 context, spoken = self._fit(job, self._history(job))
                 chunks = self.gen.stream_long(job.text, job.speaker, context, chunk_frames=self.chunk_frames,
-                                              source=self._recording(frames), **job.options)
+                                              source=self.batcher.frames, spoken=frames, **job.options)
                 first = next(chunks, None)
             except ContextTooLongError as e:
                 raise ApiError(400, str(e), "context") from None
@@ -277,14 +277,6 @@ class SpeechService:
         if job.conversation is not None and frames:
             turn = Segment(job.speaker, job.text, torch.stack(frames, dim=1))
             self._remember(job.conversation, [*spoken, turn])
-
-    def _recording(self, frames: list[torch.Tensor]):
-        """The batcher as stream_long's source, keeping every frame spoken (for the conversation's memory)."""
-        def source(request):
-            for frame in self.batcher.frames(request):
-                frames.append(frame)
-                yield frame
-        return source
 
     def _history(self, job: SpeechJob) -> list[Segment]:
         if job.conversation is None:

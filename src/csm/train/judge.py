@@ -1,0 +1,210 @@
+"""`csm train-judge`: train the CTC judge (csm/judge.py) that picks the clearest of several draws of a line.
+
+Data: prepared corpora (`csm prepare` output: codes + index.jsonl with the text) and/or `scripts/gta_codes.py`
+folders (a clip's own codes `true.i` + manifest.jsonl), comma-separated. Every utterance is one example: its codes
+and the characters of its text. Acoustic codes (codebooks 1..K-1) are swapped for random ids at `code_noise`, since
+the judge reads sampled draws, whose acoustic codes are noisier than a clip's own.
+
+A held-out share of the utterances (or --eval-data) gives the validation CTC loss and the character error rate of
+the judge's best-path reading (`val_cer`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..judge import Judge, JudgeConfig, save_judge, text_targets
+
+
+@dataclass
+class JudgeTrainConfig:
+    data: str
+    out: str
+    eval_data: str | None = None
+    eval_fraction: float = 0.05
+    steps: int = 4000
+    batch_size: int = 32
+    lr: float = 2e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 200
+    weight_decay: float = 0.01
+    code_noise: float = 0.2
+    max_minutes: float = 0.0
+    eval_every: int = 500
+    log_every: int = 100
+    seed: int = 0
+    threads: int = 0
+    num_codebooks: int = 8
+    dim: int = 160
+    progress: bool = True
+
+
+HELP = {
+    "data": "prepared corpora (csm prepare) and/or scripts/gta_codes.py folders, comma-separated",
+    "out": "output directory: judge.json + judge.safetensors (float32) and log.jsonl",
+    "eval_data": "held-out folders, comma-separated (default: --eval-fraction of --data's utterances)",
+    "code_noise": "chance that each acoustic code (codebooks 1..K-1) is swapped for a random id",
+    "max_minutes": "stop after this many minutes (0: off); the LR cosine follows the larger of step and time progress",
+    "threads": "torch CPU threads (0: torch's default)",
+    "num_codebooks": "codebooks the judge reads (the first N)",
+    "dim": "the judge's width",
+}
+
+
+def load_examples(spec: str) -> list[tuple[torch.Tensor, str]]:
+    """(codes [K, F] long, text) of every utterance in the comma-separated folders."""
+    from safetensors.torch import load_file
+
+    out = []
+    for folder in (Path(p) for p in spec.split(",") if p):
+        if (folder / "index.jsonl").is_file():
+            lines = [json.loads(x) for x in (folder / "index.jsonl").read_text().splitlines() if x.strip()]
+            shards: dict[str, dict] = {}
+            for line in lines:
+                if line["shard"] not in shards:
+                    shards[line["shard"]] = load_file(str(folder / line["shard"]))
+                out.append((shards[line["shard"]][f"{line['key']}.codes"].long(), line["text"]))
+        elif (folder / "codes.safetensors").is_file() and (folder / "manifest.jsonl").is_file():
+            codes = load_file(str(folder / "codes.safetensors"))
+            rows = [json.loads(x) for x in (folder / "manifest.jsonl").read_text().splitlines() if x.strip()]
+            out += [(codes[f"true.{i}"].long(), row["text"]) for i, row in enumerate(rows)]
+        else:
+            raise ValueError(f"{folder}: neither a prepared corpus (index.jsonl) nor a gta_codes.py folder "
+                             "(codes.safetensors + manifest.jsonl)")
+    return out
+
+
+def _batch(examples: list[tuple[torch.Tensor, str]], cfg: JudgeConfig, noise: float, gen: torch.Generator):
+    """Padded codes [B, K, F], their frame counts, concatenated targets and their lengths."""
+    frames = max(c.shape[1] for c, _ in examples)
+    codes = torch.zeros(len(examples), cfg.num_codebooks, frames, dtype=torch.long)
+    targets, lengths, target_lengths = [], [], []
+    for i, (c, text) in enumerate(examples):
+        codes[i, :, : c.shape[1]] = c[: cfg.num_codebooks]
+        t = text_targets(text, cfg.alphabet)
+        targets += t
+        lengths.append(c.shape[1] * cfg.upsample)
+        target_lengths.append(len(t))
+    if noise > 0:
+        swap = torch.rand(codes.shape, generator=gen) < noise
+        swap[:, 0] = False
+        codes = torch.where(swap, torch.randint(0, cfg.codebook_size, codes.shape, generator=gen), codes)
+    return codes, torch.tensor(lengths), torch.tensor(targets), torch.tensor(target_lengths)
+
+
+def ctc(judge: Judge, batch) -> torch.Tensor:
+    codes, lengths, targets, target_lengths = batch
+    logp = judge(codes).transpose(0, 1)  # [T, B, V]
+    return F.ctc_loss(logp, targets, lengths, target_lengths, reduction="mean", zero_infinity=True)
+
+
+def _char_errors(ref: str, hyp: str) -> int:
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        cur = [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
+        prev = cur
+    return prev[-1]
+
+
+def evaluate(judge: Judge, held: list[tuple[torch.Tensor, str]], batch_size: int = 64) -> dict:
+    judge.eval()
+    loss, errors, chars = 0.0, 0, 0
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for i in range(0, len(held), batch_size):
+            part = held[i: i + batch_size]
+            batch = _batch(part, judge.cfg, 0.0, gen)
+            loss += float(ctc(judge, batch)) * len(part)
+            for (c, text), hyp in zip(part, judge.greedy(batch[0], [c.shape[1] for c, _ in part])):
+                ref = "".join(judge.cfg.alphabet[j - 1] for j in text_targets(text, judge.cfg.alphabet))
+                errors += _char_errors(ref, hyp)
+                chars += len(ref)
+    judge.train()
+    return {"val_loss": loss / len(held), "val_cer": errors / max(chars, 1)}
+
+
+def train_judge(tc: JudgeTrainConfig) -> Path:
+    from tqdm import tqdm
+
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    torch.manual_seed(tc.seed)
+    examples = load_examples(tc.data)
+    rng = random.Random(tc.seed)
+    if tc.eval_data:
+        held = load_examples(tc.eval_data)
+    else:
+        rng.shuffle(examples)
+        n = max(1, int(len(examples) * tc.eval_fraction))
+        held, examples = examples[:n], examples[n:]
+    if not examples:
+        raise ValueError(f"{tc.data}: no training utterances")
+    cfg = JudgeConfig(num_codebooks=tc.num_codebooks, dim=tc.dim)
+    short = [t for c, t in examples if c.shape[1] * cfg.upsample < len(text_targets(t, cfg.alphabet))]
+    if short:
+        print(f"{len(short)} utterance(s) have more characters than the judge's steps; CTC skips them", file=sys.stderr)
+    judge = Judge(cfg)
+    opt = torch.optim.AdamW(judge.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    out = Path(tc.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = (out / "log.jsonl").open("a")
+    gen = torch.Generator().manual_seed(tc.seed)
+    start, running = time.monotonic(), []
+    bar = tqdm(range(tc.steps), unit="step", disable=not tc.progress)
+    for step in bar:
+        minutes = (time.monotonic() - start) / 60
+        if tc.max_minutes and minutes >= tc.max_minutes:
+            break
+        progress = max(step / tc.steps, minutes / tc.max_minutes if tc.max_minutes else 0.0)
+        lr = tc.lr * min(1.0, (step + 1) / tc.warmup_steps) if step < tc.warmup_steps else \
+            tc.min_lr + (tc.lr - tc.min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = ctc(judge, _batch(rng.sample(examples, min(tc.batch_size, len(examples))), cfg, tc.code_noise, gen))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(judge.parameters(), 1.0)
+        opt.step()
+        running.append(loss.item())
+        if (step + 1) % tc.log_every == 0:
+            bar.set_postfix(loss=f"{sum(running) / len(running):.3f}")
+            log.write(json.dumps({"step": step + 1, "loss": sum(running) / len(running), "lr": lr,
+                                  "minutes": round(minutes, 2)}) + "\n")
+            log.flush()
+            running = []
+        if tc.eval_every and (step + 1) % tc.eval_every == 0:
+            log.write(json.dumps({"step": step + 1, **evaluate(judge, held)}) + "\n")
+            log.flush()
+    final = {"step": step + 1, **evaluate(judge, held), "minutes": round((time.monotonic() - start) / 60, 2),
+             "train_utterances": len(examples), "held_out": len(held), "config": asdict(tc)}
+    log.write(json.dumps(final) + "\n")
+    log.close()
+    save_judge(judge, out)
+    print(f"{out}: judge after {final['step']} steps, held-out CTC loss {final['val_loss']:.3f}, "
+          f"character error rate {final['val_cer']:.1%}", file=sys.stderr)
+    return out
+
+
+def add_subcommand(subparsers) -> None:
+    from .cli import add_config_flags
+
+    p = subparsers.add_parser("train-judge", help="train the CTC judge that picks the clearest of N draws (best_of)",
+                              description=__doc__.split("\n\n")[0])
+    add_config_flags(p, JudgeTrainConfig, HELP)
+    p.set_defaults(func=_train_judge)
+
+
+def _train_judge(args) -> int:
+    train_judge(JudgeTrainConfig(**{k: getattr(args, k) for k in JudgeTrainConfig.__dataclass_fields__}))
+    return 0
