@@ -72,6 +72,15 @@ def test_judge_learns_to_read_codes(trained):
     assert scores[3] == float("inf")
 
 
+def test_examples_with_the_csms_draws(tmp_path):
+    rows = _synthetic_folder(tmp_path / "gta", 5, seed=3)
+    plain, with_draws = load_examples(str(tmp_path / "gta")), load_examples(str(tmp_path / "gta"), gta_draws=True)
+    assert [t for _, t in plain] == [r["text"] for r in rows]
+    assert len(with_draws) == 10 and [t for _, t in with_draws[5:]] == [r["text"] for r in rows]
+    with pytest.raises(ValueError, match="neither a prepared corpus"):
+        load_examples(str(tmp_path))
+
+
 def test_judge_round_trips_in_float16(trained, tmp_path):
     out, _ = trained
     judge = load_judge(out)

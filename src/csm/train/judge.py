@@ -38,6 +38,7 @@ class JudgeTrainConfig:
     warmup_steps: int = 200
     weight_decay: float = 0.01
     code_noise: float = 0.2
+    gta_draws: bool = False
     max_minutes: float = 0.0
     eval_every: int = 500
     log_every: int = 100
@@ -53,6 +54,7 @@ HELP = {
     "out": "output directory: judge.json + judge.safetensors (float32) and log.jsonl",
     "eval_data": "held-out folders, comma-separated (default: --eval-fraction of --data's utterances)",
     "code_noise": "chance that each acoustic code (codebooks 1..K-1) is swapped for a random id",
+    "gta_draws": "also train on the CSM's draws in scripts/gta_codes.py folders, each labelled with its clip's text",
     "max_minutes": "stop after this many minutes (0: off); the LR cosine follows the larger of step and time progress",
     "threads": "torch CPU threads (0: torch's default)",
     "num_codebooks": "codebooks the judge reads (the first N)",
@@ -60,8 +62,9 @@ HELP = {
 }
 
 
-def load_examples(spec: str) -> list[tuple[torch.Tensor, str]]:
-    """(codes [K, F] long, text) of every utterance in the comma-separated folders."""
+def load_examples(spec: str, gta_draws: bool = False) -> list[tuple[torch.Tensor, str]]:
+    """(codes [K, F] long, text) of every utterance in the comma-separated folders (with `gta_draws`, also every
+    draw of a gta_codes.py folder)."""
     from safetensors.torch import load_file
 
     out = []
@@ -77,6 +80,8 @@ def load_examples(spec: str) -> list[tuple[torch.Tensor, str]]:
             codes = load_file(str(folder / "codes.safetensors"))
             rows = [json.loads(x) for x in (folder / "manifest.jsonl").read_text().splitlines() if x.strip()]
             out += [(codes[f"true.{i}"].long(), row["text"]) for i, row in enumerate(rows)]
+            if gta_draws:
+                out += [(d.long(), row["text"]) for i, row in enumerate(rows) for d in codes[f"gta.{i}"]]
         else:
             raise ValueError(f"{folder}: neither a prepared corpus (index.jsonl) nor a gta_codes.py folder "
                              "(codes.safetensors + manifest.jsonl)")
@@ -140,7 +145,7 @@ def train_judge(tc: JudgeTrainConfig) -> Path:
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
-    examples = load_examples(tc.data)
+    examples = load_examples(tc.data, tc.gta_draws)
     rng = random.Random(tc.seed)
     if tc.eval_data:
         held = load_examples(tc.eval_data)
