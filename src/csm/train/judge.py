@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..evaluate import edit_distance
 from ..judge import Judge, JudgeConfig, save_judge, text_targets
 
 
@@ -112,16 +113,6 @@ def ctc(judge: Judge, batch) -> torch.Tensor:
     return F.ctc_loss(logp, targets, lengths, target_lengths, reduction="mean", zero_infinity=True)
 
 
-def _char_errors(ref: str, hyp: str) -> int:
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1]
-
-
 def evaluate(judge: Judge, held: list[tuple[torch.Tensor, str]], batch_size: int = 64) -> dict:
     judge.eval()
     loss, errors, chars = 0.0, 0, 0
@@ -133,7 +124,7 @@ def evaluate(judge: Judge, held: list[tuple[torch.Tensor, str]], batch_size: int
             loss += float(ctc(judge, batch)) * len(part)
             for (c, text), hyp in zip(part, judge.greedy(batch[0], [c.shape[1] for c, _ in part])):
                 ref = "".join(judge.cfg.alphabet[j - 1] for j in text_targets(text, judge.cfg.alphabet))
-                errors += _char_errors(ref, hyp)
+                errors += edit_distance(ref, hyp)  # characters are a sequence like words
                 chars += len(ref)
     judge.train()
     return {"val_loss": loss / len(held), "val_cer": errors / max(chars, 1)}
