@@ -21,12 +21,11 @@ import statistics
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from csm.evaluate import Transcriber, _read_wav, choose_clips, edit_distance, normalize_text, read_corpus, read_texts
-from csm.frames import Segment
-from csm.generate import BEST_OF_SEED_STEP, load_generator
+from csm.evaluate import (Transcriber, choose_clips, context_clip, context_turn, edit_distance, line_budget_ms,
+                          normalize_text, read_corpus, read_texts)
+from csm.generate import load_generator
 from csm.judge import load_judge
 from csm.mimi import load_model_codec
 
@@ -68,17 +67,10 @@ def main() -> None:
         contexts = choose_clips(corpus, speakers, 10, len(texts), seed)[1] if corpus else {}
         for i, text in enumerate(texts):
             spk = speakers[i % len(speakers)]
-            context = []
-            if contexts:
-                clip = contexts[spk][(i // len(speakers)) % len(contexts[spk])]
-                wav, sr = _read_wav(clip.audio)
-                assert sr == gen.sample_rate, "resample the corpus first"
-                context = [Segment(spk, clip.text, gen.encode_audio(torch.from_numpy(wav.astype(np.float32))))]
+            context = [context_turn(gen, context_clip(contexts, speakers, i))] if contexts else []
             words = len(normalize_text(text).split())
-            req = gen.request(text, spk, context, min(10_000.0, 2000.0 + 600.0 * words), seed=seed + i)
-            reqs = [gen.request(text, spk, context, req.max_audio_length_ms, seed=seed + i + k * BEST_OF_SEED_STEP)
-                    for k in range(args.draws)]
-            draws = gen._codes_batch(reqs)
+            req = gen.request(text, spk, context, line_budget_ms(text), seed=seed + i)
+            draws = gen.draws(req, args.draws)
             scores = judge.rank(draws, req.text)
             errors = []
             for codes in draws:

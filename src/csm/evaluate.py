@@ -644,10 +644,33 @@ def run_eval(args: argparse.Namespace) -> Report:
     return Report(items, config, timings, matrix)
 
 
-def _generate(args, corpus: list[CorpusClip] | None, timings: dict):
+def line_budget_ms(text: str) -> float:
+    """The generation budget of a line: 2 s + 0.6 s per word, at most 10 s."""
+    return min(10_000.0, 2000.0 + 600.0 * len(normalize_text(text).split()))
+
+
+def context_clip(contexts: dict[int, list[CorpusClip]], speakers: Sequence[int], i: int) -> CorpusClip:
+    """Sentence i's context clip: its target speaker is speakers[i % n], the clips of each speaker taken in turn."""
+    own = contexts[speakers[i % len(speakers)]]
+    return own[(i // len(speakers)) % len(own)]
+
+
+def context_turn(gen, clip: CorpusClip):
+    """A corpus clip as a context Segment: its audio resampled to the codec's rate and encoded."""
     import torch
 
     from .frames import Segment
+
+    wav, sr = _read_wav(clip.audio)
+    if sr != gen.sample_rate:
+        import soxr
+
+        wav = soxr.resample(wav, sr, gen.sample_rate)
+    codes = gen.encode_audio(torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32)))
+    return Segment(clip.speaker, clip.text, codes.cpu())
+
+
+def _generate(args, corpus: list[CorpusClip] | None, timings: dict):
     from .generate import load_generator
     from .tokenizer import split_sentences
 
@@ -689,9 +712,7 @@ def _generate(args, corpus: list[CorpusClip] | None, timings: dict):
         (out_dir / "texts.txt").write_text("".join(t + "\n" for t in texts))
 
     def budget(text: str) -> float:
-        if args.max_ms:
-            return args.max_ms
-        return min(10_000.0, 2000.0 + 600.0 * len(normalize_text(text).split()))
+        return args.max_ms or line_budget_ms(text)
 
     if args.warmup:
         t0 = time.perf_counter()
@@ -713,15 +734,9 @@ def _generate(args, corpus: list[CorpusClip] | None, timings: dict):
         try:
             context = []
             if contexts:
-                clip = contexts[spk][(i // len(speakers)) % len(contexts[spk])]
+                clip = context_clip(contexts, speakers, i)
                 it.context = str(clip.audio)
-                wav, sr = _read_wav(clip.audio)
-                if sr != gen.sample_rate:
-                    import soxr
-
-                    wav = soxr.resample(wav, sr, gen.sample_rate)
-                codes = gen.encode_audio(torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32)))
-                context = [Segment(spk, clip.text, codes.cpu())]
+                context = [context_turn(gen, clip)]
             t0 = time.perf_counter()
             if args.split:  # as `csm say` speaks it: sentence by sentence, each budgeted on its own words
                 speech = gen.generate_long(text, speaker=spk, context=context, max_audio_length_ms=args.max_ms or

@@ -445,8 +445,11 @@ class Generator:
             frames, active = frames.cpu(), active.cpu()
             for i in active.nonzero()[:, 0].tolist():
                 per_row[i].append(frames[i])
-        return [torch.stack(rows, dim=1) if rows else torch.zeros(self.num_codebooks, 0, dtype=torch.long)
-                for rows in per_row]
+        return [self._stacked(rows) for rows in per_row]
+
+    def _stacked(self, frames: list[torch.Tensor]) -> torch.Tensor:
+        """Frames [K] of one line -> its codes [K, F] ([K, 0] when it spoke none)."""
+        return torch.stack(frames, dim=1) if frames else torch.zeros(self.num_codebooks, 0, dtype=torch.long)
 
     def _speech(self, codes: torch.Tensor) -> Speech:
         return Speech(codes=codes, audio=self.decode_audio(codes), sample_rate=self.sample_rate)
@@ -481,32 +484,35 @@ class Generator:
             raise ValueError(f"best_of must be at least 1, got {n}")
         return n if self.judge is not None else 1
 
-    def _best_draw(self, request: Request, n: int,
-                   source: Callable[[Request], Iterator[torch.Tensor]] | None = None) -> torch.Tensor:
-        """The codes [K, F] of the judge's pick of n draws of the request: one batch here, or, with a `source` (the
-        server's batcher), n jobs read side by side."""
+    def draws(self, request: Request, n: int,
+              source: Callable[[Request], Iterator[torch.Tensor]] | None = None) -> list[torch.Tensor]:
+        """n draws [K, F] of one request, draw i seeded seed + i * BEST_OF_SEED_STEP (draw 0 is the request's own
+        draw): one batch here, or, with a `source` (the server's batcher), n jobs read side by side."""
         if request.seed is None:  # distinct random draws, still reproducible from one seed drawn here
             request = replace(request, seed=int(torch.randint(0, 2**31, ())))
         requests = [replace(request, seed=request.seed + i * BEST_OF_SEED_STEP) for i in range(n)]
         if source is None:
-            draws = self._codes_batch(requests)
-        else:
-            streams = [source(r) for r in requests]
-            rows: list[list[torch.Tensor]] = [[] for _ in requests]
-            try:
-                live = list(range(n))
-                while live:
-                    for i in list(live):
-                        frame = next(streams[i], None)
-                        if frame is None:
-                            live.remove(i)
-                        else:
-                            rows[i].append(frame.cpu())
-            finally:
-                for stream in streams:
-                    stream.close()
-            draws = [torch.stack(r, dim=1) if r else torch.zeros(self.num_codebooks, 0, dtype=torch.long)
-                     for r in rows]
+            return self._codes_batch(requests)
+        streams = [source(r) for r in requests]
+        rows: list[list[torch.Tensor]] = [[] for _ in requests]
+        try:
+            live = list(range(n))
+            while live:
+                for i in list(live):
+                    frame = next(streams[i], None)
+                    if frame is None:
+                        live.remove(i)
+                    else:
+                        rows[i].append(frame.cpu())
+        finally:
+            for stream in streams:
+                stream.close()
+        return [self._stacked(r) for r in rows]
+
+    def _best_draw(self, request: Request, n: int,
+                   source: Callable[[Request], Iterator[torch.Tensor]] | None = None) -> torch.Tensor:
+        """The codes [K, F] of the judge's pick of n `draws` of the request."""
+        draws = self.draws(request, n, source)
         scores = self.judge.rank(draws, request.text)
         return draws[min(range(n), key=scores.__getitem__)]
 

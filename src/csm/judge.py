@@ -91,8 +91,8 @@ class Judge(nn.Module):
         return self.head(self.norm(x)).float().log_softmax(-1)
 
     def nll(self, codes: torch.Tensor, text: str) -> torch.Tensor:
-        """-log P(text | codes) per row of codes [B, K, F] (all rows the same length: draws of one line are padded
-        with their EOS, see `rank`), divided by the text's length; inf where the codes are too short to hold it."""
+        """-log P(text | codes) per row of codes [B, K, F] (every row read to its full length F), divided by the
+        text's length; inf where the codes are too short to hold it."""
         target = torch.tensor(text_targets(text, self.cfg.alphabet), dtype=torch.long)
         if len(target) == 0:
             raise ValueError(f"the judge reads no characters in {text!r}")
@@ -118,10 +118,10 @@ class Judge(nn.Module):
             if frames is not None:
                 row = row[: frames[i] * self.cfg.upsample]
             chars, prev = [], 0
-            for i in row:
-                if i != prev and i != 0:
-                    chars.append(self.cfg.alphabet[i - 1])
-                prev = i
+            for token in row:  # best path: repeats merged, blanks (0) dropped
+                if token != prev and token != 0:
+                    chars.append(self.cfg.alphabet[token - 1])
+                prev = token
             out.append("".join(chars).strip())
         return out
 

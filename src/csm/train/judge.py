@@ -12,7 +12,6 @@ the judge's best-path reading (`val_cer`).
 from __future__ import annotations
 
 import json
-import math
 import random
 import sys
 import time
@@ -24,6 +23,8 @@ import torch.nn.functional as F
 
 from ..evaluate import edit_distance
 from ..judge import Judge, JudgeConfig, save_judge, text_targets
+from .data import _lines
+from .train import lr_at
 
 
 @dataclass
@@ -71,15 +72,14 @@ def load_examples(spec: str, gta_draws: bool = False) -> list[tuple[torch.Tensor
     out = []
     for folder in (Path(p) for p in spec.split(",") if p):
         if (folder / "index.jsonl").is_file():
-            lines = [json.loads(x) for x in (folder / "index.jsonl").read_text().splitlines() if x.strip()]
             shards: dict[str, dict] = {}
-            for line in lines:
+            for line in map(json.loads, _lines(folder / "index.jsonl")):
                 if line["shard"] not in shards:
                     shards[line["shard"]] = load_file(str(folder / line["shard"]))
                 out.append((shards[line["shard"]][f"{line['key']}.codes"].long(), line["text"]))
         elif (folder / "codes.safetensors").is_file() and (folder / "manifest.jsonl").is_file():
             codes = load_file(str(folder / "codes.safetensors"))
-            rows = [json.loads(x) for x in (folder / "manifest.jsonl").read_text().splitlines() if x.strip()]
+            rows = [json.loads(x) for x in _lines(folder / "manifest.jsonl")]
             out += [(codes[f"true.{i}"].long(), row["text"]) for i, row in enumerate(rows)]
             if gta_draws:
                 out += [(d.long(), row["text"]) for i, row in enumerate(rows) for d in codes[f"gta.{i}"]]
@@ -162,9 +162,7 @@ def train_judge(tc: JudgeTrainConfig) -> Path:
         minutes = (time.monotonic() - start) / 60
         if tc.max_minutes and minutes >= tc.max_minutes:
             break
-        progress = max(step / tc.steps, minutes / tc.max_minutes if tc.max_minutes else 0.0)
-        lr = tc.lr * min(1.0, (step + 1) / tc.warmup_steps) if step < tc.warmup_steps else \
-            tc.min_lr + (tc.lr - tc.min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        lr = lr_at(tc, step, minutes / tc.max_minutes if tc.max_minutes else 0.0)
         for group in opt.param_groups:
             group["lr"] = lr
         loss = ctc(judge, _batch(rng.sample(examples, min(tc.batch_size, len(examples))), cfg, tc.code_noise, gen))
