@@ -8,7 +8,9 @@ of any picker), plus how often the judge's pick is at least as good as the media
     python scripts/judge_check.py --texts data/corpus30k/eval_sentences.txt --judge runs/judge --draws 4 \\
         --seeds 0,100,200 --json out.json [--model DIR] [--corpus MANIFEST: a context turn of each speaker in turn]
 
-The JSON keeps every draw's codes and word errors, so another judge is compared on the same draws in seconds:
+The JSON keeps every draw's codes, word errors and Whisper transcript, so another judge is compared on the same
+draws in seconds, and draws of lines outside the eval are training data for the judge (`csm train-judge --data
+...,out.json`, each draw labelled with what Whisper heard):
 
     python scripts/judge_check.py --rescore out.json --judge runs/other-judge
 """
@@ -72,13 +74,14 @@ def main() -> None:
             req = gen.request(text, spk, context, line_budget_ms(text), seed=seed + i)
             draws = gen.draws(req, args.draws)
             scores = judge.rank(draws, req.text)
-            errors = []
+            errors, hyps = [], []
             for codes in draws:
                 audio = gen.decode_audio(codes)
                 hyp = whisper(audio.numpy(), gen.sample_rate) if audio is not None else ""
+                hyps.append(hyp)
                 errors.append(edit_distance(normalize_text(text).split(), normalize_text(hyp).split()))
             rows.append({"seed": seed, "i": i, "speaker": spk, "words": words, "text": req.text, "scores": scores,
-                         "errors": errors, "codes": [c.tolist() for c in draws]})
+                         "errors": errors, "hyps": hyps, "codes": [c.tolist() for c in draws]})
             print(f"seed {seed} line {i}: errors {errors} judge {[round(s, 2) for s in scores]}", file=sys.stderr)
     report(rows, args.json)
 

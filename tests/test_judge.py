@@ -12,7 +12,7 @@ from csm.config import get_config
 from csm.generate import BEST_OF_SEED_STEP, Generator, Request, load_generator
 from csm.judge import Judge, JudgeConfig, load_judge, save_judge, text_targets
 from csm.model import CSM
-from csm.train.judge import JudgeTrainConfig, load_examples, train_judge
+from csm.train.judge import JudgeTrainConfig, draw_groups, load_examples, rank_loss, train_judge
 
 WORDS = ["bad", "cab", "dab", "ace", "bead", "face", "fade", "deed"]
 
@@ -79,6 +79,65 @@ def test_examples_with_the_csms_draws(tmp_path):
     assert len(with_draws) == 10 and [t for _, t in with_draws[5:]] == [r["text"] for r in rows]
     with pytest.raises(ValueError, match="neither a prepared corpus"):
         load_examples(str(tmp_path))
+
+
+def _draws_file(path, folder_rows, codes):
+    """A judge_check.py JSON: each line drawn twice; draw 0 heard right, draw 1 heard as another line."""
+    rows = []
+    for i, row in enumerate(folder_rows):
+        other = folder_rows[(i + 1) % len(folder_rows)]["text"]
+        rows.append({"text": row["text"], "hyps": [row["text"].upper(), f"{other.upper()}!"], "errors": [0, 3],
+                     "codes": [codes[i].tolist(), codes[(i + 1) % len(folder_rows)].tolist()]})
+    path.write_text(json.dumps({"summary": {}, "rows": rows}))
+
+
+def test_finetune_on_draws_labelled_by_whisper(trained, tmp_path):
+    """Draws files: a draw Whisper heard right keeps the line's own spelling, any other is labelled with what
+    Whisper heard (normalised); --init continues from a trained judge instead of from scratch."""
+    out, scratch_log = trained
+    rows = _synthetic_folder(tmp_path / "gta", 30, seed=4)
+    codes = [c for c, _ in load_examples(str(tmp_path / "gta"))]
+    _draws_file(tmp_path / "draws.json", rows, codes)
+    examples = load_examples(str(tmp_path / "draws.json"), draws_repeat=2)
+    assert len(examples) == 120
+    assert examples[0][1] == rows[0]["text"] and examples[1][1] == rows[1]["text"].lower().rstrip(".")
+    assert torch.equal(examples[1][0], codes[1])
+    tuned = train_judge(JudgeTrainConfig(data=str(tmp_path / "draws.json"), eval_data=str(out.parent / "held"),
+                                         out=str(tmp_path / "run"), init=str(out), steps=20, batch_size=8, lr=1e-3,
+                                         warmup_steps=2, eval_every=0, log_every=10, progress=False))
+    log = [json.loads(x) for x in (tuned / "log.jsonl").read_text().splitlines()]
+    assert load_judge(tuned).cfg.dim == 48  # the shape of --init, not the config's default
+    assert log[0]["loss"] < 0.3 * next(r["loss"] for r in scratch_log if "loss" in r)
+    assert log[-1]["val_cer"] < 0.1
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"rows": [{"text": "x", "errors": [0], "codes": [[[1]]]}]}))
+    with pytest.raises(ValueError, match="older judge_check"):
+        load_examples(str(old))
+
+
+def test_rank_loss_follows_whisper(trained, tmp_path):
+    """The ranking loss is small when the judge already orders a line's draws as Whisper heard them (its own codes
+    first), large when Whisper's errors say the opposite; lines whose draws Whisper heard alike are left out."""
+    out, _ = trained
+    judge = load_judge(out)
+    rows = _synthetic_folder(tmp_path / "gta", 12, seed=5)
+    codes = [c for c, _ in load_examples(str(tmp_path / "gta"))]
+    _draws_file(tmp_path / "draws.json", rows, codes)  # draw 0 spells the line (0 errors), draw 1 another (3)
+    groups = draw_groups(str(tmp_path / "draws.json"), judge.cfg)
+    fits = [codes[(i + 1) % 12].shape[1] * 4 >= len(text_targets(r["text"], judge.cfg.alphabet))
+            for i, r in enumerate(rows)]  # else draw 1 cannot hold the line and its group has one draw left
+    assert 6 <= len(groups) == sum(fits) and all(e == [0, 3] for _, _, e in groups)
+    with torch.no_grad():
+        right = float(rank_loss(judge, groups))
+        wrong = float(rank_loss(judge, [(d, t, e[::-1]) for d, t, e in groups]))
+    assert right < 0.1 < 2.0 < wrong
+    data = json.loads((tmp_path / "draws.json").read_text())
+    for row in data["rows"]:
+        row["errors"] = [1, 1]
+    (tmp_path / "same.json").write_text(json.dumps(data))
+    assert draw_groups(str(tmp_path / "same.json"), judge.cfg) == []
+    with pytest.raises(ValueError, match="needs a draws file"):
+        train_judge(JudgeTrainConfig(data=str(tmp_path / "gta"), out=str(tmp_path / "run"), rank_weight=1.0))
 
 
 def test_judge_round_trips_in_float16(trained, tmp_path):

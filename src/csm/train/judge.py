@@ -1,8 +1,10 @@
 """`csm train-judge`: train the CTC judge (csm/judge.py) that picks the clearest of several draws of a line.
 
-Data: prepared corpora (`csm prepare` output: codes + index.jsonl with the text) and/or `scripts/gta_codes.py`
-folders (a clip's own codes `true.i` + manifest.jsonl), comma-separated. Every utterance is one example: its codes
-and the characters of its text. Acoustic codes (codebooks 1..K-1) are swapped for random ids at `code_noise`, since
+Data: prepared corpora (`csm prepare` output: codes + index.jsonl with the text), `scripts/gta_codes.py` folders (a
+clip's own codes `true.i` + manifest.jsonl) and/or draws files (`scripts/judge_check.py --json`: the CSM's own draws,
+each with what Whisper heard), comma-separated. Every utterance is one example: its codes and the characters of its
+text. A draw's text is Whisper's transcript, not the line it was asked to say: the judge is to score draws the way
+Whisper would hear them, and a slurred draw should not teach it that slurring reads as the line. Acoustic codes (codebooks 1..K-1) are swapped for random ids at `code_noise`, since
 the judge reads sampled draws, whose acoustic codes are noisier than a clip's own.
 
 A held-out share of the utterances (or --eval-data) gives the validation CTC loss and the character error rate of
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..evaluate import edit_distance
-from ..judge import Judge, JudgeConfig, save_judge, text_targets
+from ..judge import Judge, JudgeConfig, load_judge, save_judge, text_targets
 from .data import _lines
 from .train import lr_at
 
@@ -41,6 +43,10 @@ class JudgeTrainConfig:
     weight_decay: float = 0.01
     code_noise: float = 0.2
     gta_draws: bool = False
+    draws_repeat: int = 1
+    rank_weight: float = 0.0
+    rank_lines: int = 8
+    init: str | None = None
     max_minutes: float = 0.0
     eval_every: int = 500
     log_every: int = 100
@@ -57,6 +63,11 @@ HELP = {
     "eval_data": "held-out folders, comma-separated (default: --eval-fraction of --data's utterances)",
     "code_noise": "chance that each acoustic code (codebooks 1..K-1) is swapped for a random id",
     "gta_draws": "also train on the CSM's draws in scripts/gta_codes.py folders, each labelled with its clip's text",
+    "draws_repeat": "use each draw of a draws file this many times per pass (they are few and in the judge's domain)",
+    "rank_weight": "weight of a pairwise ranking loss on the draws files' lines (0: off): the draw Whisper heard "
+                   "better should score better",
+    "rank_lines": "lines (each with all its draws) per step of the ranking loss",
+    "init": "start from this judge's weights and shape (a folder with judge.json + judge.safetensors)",
     "max_minutes": "stop after this many minutes (0: off); the LR cosine follows the larger of step and time progress",
     "threads": "torch CPU threads (0: torch's default)",
     "num_codebooks": "codebooks the judge reads (the first N)",
@@ -64,14 +75,37 @@ HELP = {
 }
 
 
-def load_examples(spec: str, gta_draws: bool = False) -> list[tuple[torch.Tensor, str]]:
-    """(codes [K, F] long, text) of every utterance in the comma-separated folders (with `gta_draws`, also every
-    draw of a gta_codes.py folder)."""
+def _draw_rows(path: Path) -> list[dict]:
+    rows = json.loads(path.read_text())["rows"]
+    if any("hyps" not in row for row in rows):
+        raise ValueError(f"{path}: draws without Whisper's transcripts (made by an older judge_check.py)")
+    return rows
+
+
+def draw_examples(path: Path) -> list[tuple[torch.Tensor, str]]:
+    """The draws of a judge_check.py JSON, each labelled with what Whisper heard: the line itself where Whisper got
+    every word (its spelling keeps the line's contractions, as the judge will be asked), else the transcript."""
+    from ..evaluate import normalize_text
+
+    out = []
+    for row in _draw_rows(path):
+        for codes, hyp, errors in zip(row["codes"], row["hyps"], row["errors"]):
+            label = row["text"] if errors == 0 else normalize_text(hyp)
+            if label and len(codes[0]):
+                out.append((torch.tensor(codes, dtype=torch.long), label))
+    return out
+
+
+def load_examples(spec: str, gta_draws: bool = False, draws_repeat: int = 1) -> list[tuple[torch.Tensor, str]]:
+    """(codes [K, F] long, text) of every utterance in the comma-separated folders and draws files (with
+    `gta_draws`, also every draw of a gta_codes.py folder)."""
     from safetensors.torch import load_file
 
     out = []
     for folder in (Path(p) for p in spec.split(",") if p):
-        if (folder / "index.jsonl").is_file():
+        if folder.suffix == ".json" and folder.is_file():
+            out += draw_examples(folder) * draws_repeat
+        elif (folder / "index.jsonl").is_file():
             shards: dict[str, dict] = {}
             for line in map(json.loads, _lines(folder / "index.jsonl")):
                 if line["shard"] not in shards:
@@ -84,9 +118,40 @@ def load_examples(spec: str, gta_draws: bool = False) -> list[tuple[torch.Tensor
             if gta_draws:
                 out += [(d.long(), row["text"]) for i, row in enumerate(rows) for d in codes[f"gta.{i}"]]
         else:
-            raise ValueError(f"{folder}: neither a prepared corpus (index.jsonl) nor a gta_codes.py folder "
-                             "(codes.safetensors + manifest.jsonl)")
+            raise ValueError(f"{folder}: neither a prepared corpus (index.jsonl), a gta_codes.py folder "
+                             "(codes.safetensors + manifest.jsonl) nor a judge_check.py draws file (.json)")
     return out
+
+
+def draw_groups(spec: str, cfg: JudgeConfig) -> list[tuple[list[torch.Tensor], str, list[int]]]:
+    """(draws, line, Whisper's word errors per draw) of every line of the draws files in `spec` that has two draws
+    Whisper heard differently; draws too short to hold the line are left out (the judge scores them inf anyway)."""
+    groups = []
+    for path in (Path(p) for p in spec.split(",") if p.endswith(".json")):
+        for row in _draw_rows(path):
+            n = len(text_targets(row["text"], cfg.alphabet))
+            kept = [(torch.tensor(c, dtype=torch.long), e) for c, e in zip(row["codes"], row["errors"])
+                    if len(c[0]) * cfg.upsample >= n > 0]
+            if len({e for _, e in kept}) > 1:
+                groups.append(([c for c, _ in kept], row["text"], [e for _, e in kept]))
+    return groups
+
+
+def rank_loss(judge: Judge, groups: list[tuple[list[torch.Tensor], str, list[int]]], scale: float = 4.0):
+    """Pairwise logistic loss on the judge's score (-log P(line | draw) per character): of two draws of a line, the
+    one Whisper heard with fewer word errors should score lower, weighted by how many fewer."""
+    batch = _batch([(d, text) for codes, text, _ in groups for d in codes], judge.cfg, 0.0, None)
+    logp = judge(batch[0]).transpose(0, 1)
+    nll = F.ctc_loss(logp, batch[2], batch[1], batch[3], reduction="none", zero_infinity=True) / batch[3]
+    total, weight, at = 0.0, 0, 0
+    for codes, _, errors in groups:
+        for i in range(len(codes)):
+            for j in range(len(codes)):
+                if errors[i] < errors[j]:
+                    total = total + (errors[j] - errors[i]) * F.softplus(scale * (nll[at + i] - nll[at + j]))
+                    weight += errors[j] - errors[i]
+        at += len(codes)
+    return total / max(weight, 1)
 
 
 def _batch(examples: list[tuple[torch.Tensor, str]], cfg: JudgeConfig, noise: float, gen: torch.Generator):
@@ -136,7 +201,7 @@ def train_judge(tc: JudgeTrainConfig) -> Path:
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
-    examples = load_examples(tc.data, tc.gta_draws)
+    examples = load_examples(tc.data, tc.gta_draws, tc.draws_repeat)
     rng = random.Random(tc.seed)
     if tc.eval_data:
         held = load_examples(tc.eval_data)
@@ -146,11 +211,18 @@ def train_judge(tc: JudgeTrainConfig) -> Path:
         held, examples = examples[:n], examples[n:]
     if not examples:
         raise ValueError(f"{tc.data}: no training utterances")
-    cfg = JudgeConfig(num_codebooks=tc.num_codebooks, dim=tc.dim)
+    if tc.init:
+        judge = load_judge(tc.init).train()
+        cfg = judge.cfg
+    else:
+        cfg = JudgeConfig(num_codebooks=tc.num_codebooks, dim=tc.dim)
+        judge = Judge(cfg)
+    groups = draw_groups(tc.data, cfg) if tc.rank_weight else []
+    if tc.rank_weight and not groups:
+        raise ValueError(f"--rank-weight needs a draws file (judge_check.py --json) among --data: {tc.data}")
     short = [t for c, t in examples if c.shape[1] * cfg.upsample < len(text_targets(t, cfg.alphabet))]
     if short:
         print(f"{len(short)} utterance(s) have more characters than the judge's steps; CTC skips them", file=sys.stderr)
-    judge = Judge(cfg)
     opt = torch.optim.AdamW(judge.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     out = Path(tc.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,6 +238,8 @@ def train_judge(tc: JudgeTrainConfig) -> Path:
         for group in opt.param_groups:
             group["lr"] = lr
         loss = ctc(judge, _batch(rng.sample(examples, min(tc.batch_size, len(examples))), cfg, tc.code_noise, gen))
+        if groups:
+            loss = loss + tc.rank_weight * rank_loss(judge, rng.sample(groups, min(tc.rank_lines, len(groups))))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(judge.parameters(), 1.0)
