@@ -4,8 +4,9 @@ Data: prepared corpora (`csm prepare` output: codes + index.jsonl with the text)
 clip's own codes `true.i` + manifest.jsonl) and/or draws files (`scripts/judge_check.py --json`: the CSM's own draws,
 each with what Whisper heard), comma-separated. Every utterance is one example: its codes and the characters of its
 text. A draw's text is Whisper's transcript, not the line it was asked to say: the judge is to score draws the way
-Whisper would hear them, and a slurred draw should not teach it that slurring reads as the line. Acoustic codes (codebooks 1..K-1) are swapped for random ids at `code_noise`, since
-the judge reads sampled draws, whose acoustic codes are noisier than a clip's own.
+Whisper would hear them, and a slurred draw should not teach it that slurring reads as the line. Acoustic codes
+(codebooks 1..K-1) are swapped for random ids at `code_noise`, since the judge reads sampled draws, whose acoustic
+codes are noisier than a clip's own.
 
 A held-out share of the utterances (or --eval-data) gives the validation CTC loss and the character error rate of
 the judge's best-path reading (`val_cer`).
@@ -75,6 +76,10 @@ HELP = {
 }
 
 
+def _is_draws_file(path: Path) -> bool:
+    return path.suffix == ".json" and path.is_file()
+
+
 def _draw_rows(path: Path) -> list[dict]:
     rows = json.loads(path.read_text())["rows"]
     if any("hyps" not in row for row in rows):
@@ -103,7 +108,7 @@ def load_examples(spec: str, gta_draws: bool = False, draws_repeat: int = 1) -> 
 
     out = []
     for folder in (Path(p) for p in spec.split(",") if p):
-        if folder.suffix == ".json" and folder.is_file():
+        if _is_draws_file(folder):
             out += draw_examples(folder) * draws_repeat
         elif (folder / "index.jsonl").is_file():
             shards: dict[str, dict] = {}
@@ -127,7 +132,7 @@ def draw_groups(spec: str, cfg: JudgeConfig) -> list[tuple[list[torch.Tensor], s
     """(draws, line, Whisper's word errors per draw) of every line of the draws files in `spec` that has two draws
     Whisper heard differently; draws too short to hold the line are left out (the judge scores them inf anyway)."""
     groups = []
-    for path in (Path(p) for p in spec.split(",") if p.endswith(".json")):
+    for path in filter(_is_draws_file, (Path(p) for p in spec.split(",") if p)):
         for row in _draw_rows(path):
             n = len(text_targets(row["text"], cfg.alphabet))
             kept = [(torch.tensor(c, dtype=torch.long), e) for c, e in zip(row["codes"], row["errors"])
