@@ -108,9 +108,14 @@ def judge_lines(judge: torch.nn.Module, checkpoint: Path, best_of: int) -> list[
     records = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
     last = next((r for r in reversed(records) if "val_cer" in r and "train_utterances" in r), None)
     if last:
-        lines.append(f"  Trained {last['step']} steps ({last.get('minutes', 0):.1f} min) on {last.get('train_utterances')} "
-                     f"utterances' own codes; on {last.get('held_out')} held-out ones it reads {100 * last['val_cer']:.1f} % "
-                     "of the characters wrong (best path).")
+        cfg = last.get("config") or {}
+        draws = [p for p in str(cfg.get("data", "")).split(",") if p.endswith(".json")]
+        what = "utterances' codes" + (f", with the voice's own draws from {len(draws)} judge_check.py files, each "
+                                      "labelled with what Whisper heard" if draws else "")
+        start = f", continued from {Path(cfg['init']).name}" if cfg.get("init") else ""
+        lines.append(f"  Trained {last['step']} steps ({last.get('minutes', 0):.1f} min{start}) on "
+                     f"{last.get('train_utterances')} {what}; on {last.get('held_out')} held-out utterances it reads "
+                     f"{100 * last['val_cer']:.1f} % of the characters wrong (best path).")
     return lines
 
 

@@ -586,15 +586,19 @@ def test_package_voice_script(prepared, micro_config, tmp_path):
 
     for best_of, cer in ((3, 0.25), (2, 0.125)):
         save_judge(Judge(JudgeConfig(dim=16)), tmp_path / "judge")
+        tuned = {"init": "runs/judge2", "data": "prep,runs/draws.json"} if best_of == 2 else {}  # tuned on draws
         (tmp_path / "judge" / "log.jsonl").write_text(json.dumps({"step": 40, "val_cer": cer, "minutes": 2.0,
-                                                                   "train_utterances": 9, "held_out": 3}) + "\n")
+                                                                   "train_utterances": 9, "held_out": 3,
+                                                                   "config": tuned}) + "\n")
         subprocess.run([sys.executable, str(script), "--swap-judge", str(tmp_path / "judge"), "--best-of",
                         str(best_of), "--out", str(out)], check=True, capture_output=True)
     generation = json.loads((out / "generation.json").read_text())
     assert generation["best_of"] == 2 and generation["speakers"] == {"0": "a voice", "2": "c voice"}
     judge_card = (out / "MODEL_CARD.md").read_text()
     assert judge_card.count("- Judge:") == 1 and "drawn 2 times" in judge_card and "drawn 3 times" not in judge_card
-    assert "  Trained 40 steps (2.0 min) on 9 utterances' own codes; on 3 held-out ones it reads 12.5 %" in judge_card
+    assert ("  Trained 40 steps (2.0 min, continued from judge2) on 9 utterances' codes, with the voice's own draws "
+            "from 1 judge_check.py files, each labelled with what Whisper heard; on 3 held-out utterances it reads "
+            "12.5 %") in judge_card
     models = judge_card.split("## Models")[1]
     assert models.index("- Codec:") < models.index("- Judge:")
     gen = load_generator(out, device="cpu")
