@@ -25,8 +25,9 @@ import statistics
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from csm.evaluate import _to_16k, edit_distance, normalize_text
+from csm.evaluate import edit_distance, normalize_text, to_16k
 
 
 def pick(scores: list[float], n: int) -> int:
@@ -96,16 +97,11 @@ def transcribe(rows: list[dict], model: str | None) -> None:
     model = model or default_model()
     gen = load_generator(model, device="cpu", codec=load_model_codec(model, device="cpu"))
     decoder = Decoder(samprate=16000, loglevel="FATAL")
-    try:
-        from tqdm import tqdm
-    except ImportError:  # progress is a nicety
-        def tqdm(x, **_):
-            return x
     for r in tqdm(rows, desc="pocketsphinx", unit="line"):
         r["ps"], r["ps_hyps"] = [], []
         for codes in r["codes"]:
             audio = gen.decode_audio(torch.tensor(codes))
-            pcm = (np.clip(_to_16k(audio.numpy(), gen.sample_rate), -1, 1) * 32767).astype(np.int16).tobytes()
+            pcm = (np.clip(to_16k(audio.numpy(), gen.sample_rate), -1, 1) * 32767).astype(np.int16).tobytes()
             decoder.start_utt()
             decoder.process_raw(pcm, full_utt=True)
             decoder.end_utt()

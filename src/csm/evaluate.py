@@ -229,7 +229,8 @@ def require_eval_deps(wer: bool = True, speaker: bool = True) -> None:
         )
 
 
-def _to_16k(wav: np.ndarray, sample_rate: int) -> np.ndarray:
+def to_16k(wav: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Mono float32 at 16 kHz, what Whisper and resemblyzer (and pocketsphinx) read; soxr resamples."""
     wav = np.asarray(wav, dtype=np.float32).reshape(-1)
     if sample_rate != 16_000 and len(wav):
         import soxr
@@ -253,7 +254,7 @@ class Transcriber:
         self.beam_size = beam_size
 
     def __call__(self, wav: np.ndarray, sample_rate: int) -> str:
-        audio = _to_16k(wav, sample_rate)
+        audio = to_16k(wav, sample_rate)
         if len(audio) < 1600:
             return ""
         # temperature 0 only: faster-whisper's default falls back to unseeded sampling when a beam looks like a loop,
@@ -275,7 +276,7 @@ class SpeakerEncoder:
         self.encoder = VoiceEncoder("cpu", verbose=False)
 
     def __call__(self, wav: np.ndarray, sample_rate: int) -> np.ndarray | None:
-        audio = self._preprocess(_to_16k(wav, sample_rate), source_sr=16_000)  # volume-normalised, silences cut
+        audio = self._preprocess(to_16k(wav, sample_rate), source_sr=16_000)  # volume-normalised, silences cut
         if len(audio) < 16_000 * 0.3:
             return None
         return self.encoder.embed_utterance(audio)
