@@ -109,6 +109,7 @@ def test_finetune_on_draws_labelled_by_whisper(trained, tmp_path):
     assert load_judge(tuned).cfg.dim == 48  # the shape of --init, not the config's default
     assert log[0]["loss"] < 0.3 * next(r["loss"] for r in scratch_log if "loss" in r)
     assert log[-1]["val_cer"] < 0.1
+    assert log[-1]["draws_files"] == [str(tmp_path / "draws.json")]  # the model card counts them from here
     old = tmp_path / "old.json"
     old.write_text(json.dumps({"rows": [{"text": "x", "errors": [0], "codes": [[[1]]]}]}))
     with pytest.raises(ValueError, match="older judge_check"):

@@ -589,6 +589,7 @@ def test_package_voice_script(prepared, micro_config, tmp_path):
         tuned = {"init": "runs/judge2", "data": "prep,runs/draws.json"} if best_of == 2 else {}  # tuned on draws
         (tmp_path / "judge" / "log.jsonl").write_text(json.dumps({"step": 40, "val_cer": cer, "minutes": 2.0,
                                                                    "train_utterances": 9, "held_out": 3,
+                                                                   "draws_files": ["runs/draws.json"] if tuned else [],
                                                                    "config": tuned}) + "\n")
         subprocess.run([sys.executable, str(script), "--swap-judge", str(tmp_path / "judge"), "--best-of",
                         str(best_of), "--out", str(out)], check=True, capture_output=True)

@@ -76,7 +76,8 @@ HELP = {
 }
 
 
-def _is_draws_file(path: Path) -> bool:
+def is_draws_file(path: Path) -> bool:
+    """Whether a --data entry is a judge_check.py draws file (the other entries are folders)."""
     return path.suffix == ".json" and path.is_file()
 
 
@@ -108,7 +109,7 @@ def load_examples(spec: str, gta_draws: bool = False, draws_repeat: int = 1) -> 
 
     out = []
     for folder in (Path(p) for p in spec.split(",") if p):
-        if _is_draws_file(folder):
+        if is_draws_file(folder):
             out += draw_examples(folder) * draws_repeat
         elif (folder / "index.jsonl").is_file():
             shards: dict[str, dict] = {}
@@ -132,7 +133,7 @@ def draw_groups(spec: str, cfg: JudgeConfig) -> list[tuple[list[torch.Tensor], s
     """(draws, line, Whisper's word errors per draw) of every line of the draws files in `spec` that has two draws
     Whisper heard differently; draws too short to hold the line are left out (the judge scores them inf anyway)."""
     groups = []
-    for path in filter(_is_draws_file, (Path(p) for p in spec.split(",") if p)):
+    for path in filter(is_draws_file, (Path(p) for p in spec.split(",") if p)):
         for row in _draw_rows(path):
             n = len(text_targets(row["text"], cfg.alphabet))
             kept = [(torch.tensor(c, dtype=torch.long), e) for c, e in zip(row["codes"], row["errors"])
@@ -260,7 +261,8 @@ def train_judge(tc: JudgeTrainConfig) -> Path:
             log.write(json.dumps({"step": step + 1, **evaluate(judge, held)}) + "\n")
             log.flush()
     final = {"step": step + 1, **evaluate(judge, held), "minutes": round((time.monotonic() - start) / 60, 2),
-             "train_utterances": len(examples), "held_out": len(held), "config": asdict(tc)}
+             "train_utterances": len(examples), "held_out": len(held),
+             "draws_files": [p for p in tc.data.split(",") if p and is_draws_file(Path(p))], "config": asdict(tc)}
     log.write(json.dumps(final) + "\n")
     log.close()
     save_judge(judge, out)
