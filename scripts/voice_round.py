@@ -308,6 +308,8 @@ def train(args: argparse.Namespace) -> None:
 
 
 def unpack(args: argparse.Namespace) -> None:
+    from csm.judge import CONFIG as JUDGE_CONFIG, WEIGHTS as JUDGE_WEIGHTS  # here, csm is installed
+
     src, out = args.files, args.out
     with tarfile.open(src / "meta.tar") as tar:
         tar.extractall(out / "meta", filter="data")
@@ -323,8 +325,10 @@ def unpack(args: argparse.Namespace) -> None:
         (step / "model.safetensors").write_bytes(data)
         for f in (out / "meta" / name).iterdir():
             shutil.copyfile(f, (step.parent if f.name in ("log.jsonl", "train.out") else step) / f.name)
-        if name == "csm":  # so that `csm eval --model` samples as the shipped voice does
-            shutil.copyfile(VOICE / "generation.json", step / "generation.json")
+        if name == "csm":  # so that `csm eval --model` samples as the shipped voice does: its best_of needs its judge
+            for f in ("generation.json", JUDGE_CONFIG, JUDGE_WEIGHTS):
+                if (VOICE / f).is_file():
+                    shutil.copyfile(VOICE / f, step / f)
         print(f"{step}: {len(data) / 1e6:.1f} MB")
     print(json.dumps(meta["commands"], indent=1))
     if "csm_step" in meta and "codec_step" in meta:

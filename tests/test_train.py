@@ -694,6 +694,12 @@ def test_voice_round_train_and_unpack(prepared, micro_config, tmp_path):
     for (name, a), b in zip(model.state_dict().items(), trained.state_dict().values()):
         torch.testing.assert_close(a, b.half().float(), msg=name)  # returned in float16
     assert {"tokenizer.json", "generation.json", "train_state.pt"} <= {p.name for p in step.iterdir()}
+    from csm.generate import load_generator
+
+    shipped = load_generator(scripts.parent / "src" / "csm" / "assets" / "voice", device="cpu")
+    round_gen = load_generator(step, device="cpu")  # scored as the shipped voice speaks: its best_of, its judge
+    assert round_gen.defaults["best_of"] == shipped.defaults["best_of"]
+    assert (round_gen.judge is None) == (shipped.judge is None)
     assert "optimizer" not in torch.load(step / "train_state.pt", weights_only=True)
     assert "eval_loss" in (step.parent / "log.jsonl").read_text()
     load_mimi(tmp_path / "round" / "codec" / "step-000002")
