@@ -31,7 +31,7 @@ from csm.generate import generation_defaults
 from csm.judge import load_judge, save_judge
 from csm.mimi import load_mimi
 from csm.mimi.weights import save_mimi
-from csm.train.judge import is_draws_file
+from csm.train.judge import draws_files
 from csm.tokenizer import spoken_words
 
 STORE = torch.float16  # 10 mantissa bits: finer than bf16 for the small weights of a tiny model
@@ -112,7 +112,7 @@ def judge_lines(judge: torch.nn.Module, checkpoint: Path, best_of: int) -> list[
         cfg = last.get("config") or {}
         draws = last.get("draws_files")
         if draws is None:  # a log from before train-judge recorded them
-            draws = [p for p in str(cfg.get("data", "")).split(",") if p and is_draws_file(Path(p))]
+            draws = draws_files(str(cfg.get("data", "")))
         what = "utterances' codes" + (f", with the voice's own draws from {len(draws)} judge_check.py files, each "
                                       "labelled with what Whisper heard" if draws else "")
         start = f", continued from {Path(cfg['init']).name}" if cfg.get("init") else ""

@@ -81,6 +81,11 @@ def is_draws_file(path: Path) -> bool:
     return path.suffix == ".json" and path.is_file()
 
 
+def draws_files(spec: str) -> list[str]:
+    """The draws files among the comma-separated --data entries, as given."""
+    return [p for p in spec.split(",") if p and is_draws_file(Path(p))]
+
+
 def _draw_rows(path: Path) -> list[dict]:
     rows = json.loads(path.read_text())["rows"]
     if any("hyps" not in row for row in rows):
@@ -133,7 +138,7 @@ def draw_groups(spec: str, cfg: JudgeConfig) -> list[tuple[list[torch.Tensor], s
     """(draws, line, Whisper's word errors per draw) of every line of the draws files in `spec` that has two draws
     Whisper heard differently; draws too short to hold the line are left out (the judge scores them inf anyway)."""
     groups = []
-    for path in filter(is_draws_file, (Path(p) for p in spec.split(",") if p)):
+    for path in map(Path, draws_files(spec)):
         for row in _draw_rows(path):
             n = len(text_targets(row["text"], cfg.alphabet))
             kept = [(torch.tensor(c, dtype=torch.long), e) for c, e in zip(row["codes"], row["errors"])
@@ -262,7 +267,7 @@ def train_judge(tc: JudgeTrainConfig) -> Path:
             log.flush()
     final = {"step": step + 1, **evaluate(judge, held), "minutes": round((time.monotonic() - start) / 60, 2),
              "train_utterances": len(examples), "held_out": len(held),
-             "draws_files": [p for p in tc.data.split(",") if p and is_draws_file(Path(p))], "config": asdict(tc)}
+             "draws_files": draws_files(tc.data), "config": asdict(tc)}
     log.write(json.dumps(final) + "\n")
     log.close()
     save_judge(judge, out)
