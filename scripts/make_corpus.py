@@ -299,6 +299,88 @@ class LineMaker:
                 return pair
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Text: open-vocabulary English (--text open)
+# --------------------------------------------------------------------------------------------------------------
+FORTUNES = Path("/usr/share/games/fortunes")
+# Debian `fortunes` + `fortunes-min` train; Debian `fortune-anarchism` (another package, other authors) is kept out
+# of training entirely and the held-out sentences are drawn from it.
+TRAIN_FORTUNES = ["art", "computers", "cookie", "debian", "definitions", "disclaimer", "drugs", "education",
+                  "ethnic", "food", "fortunes", "goedel", "humorists", "kids", "knghtbrd", "law", "linux",
+                  "linuxcookie", "literature", "love", "magic", "medicine", "men-women", "miscellaneous", "news",
+                  "paradoxum", "people", "pets", "platitudes", "politics", "pratchett", "riddles", "science",
+                  "songs-poems", "sports", "startrek", "tao", "translate-me", "wisdom", "work", "zippy"]
+EVAL_FORTUNES = ["anarchism"]
+_SPEAKABLE = re.compile(r"^[A-Za-z0-9 ,.;:!?'\"$%&()-]+$")
+
+
+def fortune_passages(names: list[str], root: Path = FORTUNES) -> list[list[str]]:
+    """Each fortune of the named files -> its speakable sentences, in order (a passage becomes a conversation).
+
+    Attributions ("-- Mark Twain"), Q:/A: labels and stage directions are dropped; a sentence is kept if it has
+    3-25 words, only plain letters, digits and everyday punctuation, and no run of capitals (headlines, acronyms
+    read letter by letter)."""
+    from csm.tokenizer import split_sentences
+
+    missing = [n for n in names if not (root / n).is_file()]
+    if missing:
+        raise ToolMissing(f"fortune files missing under {root}: {missing[:5]} (apt-get install fortunes fortunes-min "
+                          "fortune-anarchism)")
+    passages = []
+    for name in names:
+        for entry in (root / name).read_text(encoding="latin-1").split("\n%\n"):
+            lines = [ln for ln in entry.splitlines() if not re.match(r"^\s*(--|\u2014)", ln)]
+            text = " ".join(" ".join(lines).split())
+            text = re.sub(r"\b[QA]:\s*", "", text).replace("``", '"').replace("''", '"')
+            text = re.sub(r"\[[^\]]*\]|\([^)]*\)", " ", text)  # stage directions, asides
+            kept = []
+            for sentence in split_sentences(text, max_words=25):
+                sentence = sentence.strip(" -\"'")
+                words = sentence.split()
+                if not 3 <= len(words) <= 25 or not _SPEAKABLE.match(sentence) or "--" in sentence:
+                    continue
+                if re.search(r"[A-Z]{3,}", sentence) or not re.search(r"[a-z]", sentence):
+                    continue
+                if sentence[-1] not in ".!?":
+                    sentence += "."
+                kept.append(sentence[0].upper() + sentence[1:])
+            if kept:
+                passages.append(kept)
+    return passages
+
+
+class OpenLines:
+    """Conversations of open-vocabulary lines: a fortune's sentences in turn (alternating speakers), or, for
+    `grammar_share` of conversations, grammar exchanges (names, times, numbers in everyday lines)."""
+
+    def __init__(self, r: random.Random, passages: list[list[str]], exclude: set[str], grammar_share: float):
+        self.r, self.grammar_share = r, grammar_share
+        self.passages = [[s for s in p if _key(s) not in exclude] for p in passages]
+        self.passages = [p for p in self.passages if p]
+        self.grammar = LineMaker(r, exclude)
+        self.order: list[int] = []
+
+    def conversation(self, turns: int) -> list[str]:
+        r = self.r
+        if r.random() < self.grammar_share:
+            lines: list[str] = []
+            while len(lines) < turns:
+                lines += self.grammar.exchange()
+            return lines[:turns]
+        if not self.order:  # every passage once before any repeats
+            self.order = list(range(len(self.passages)))
+            r.shuffle(self.order)
+        passage = self.passages[self.order.pop()]
+        start = r.randrange(len(passage))
+        return passage[start: start + turns]
+
+
+def open_eval_sentences(seed: int, num_eval: int) -> list[str]:
+    sentences = list(dict.fromkeys(s for p in fortune_passages(EVAL_FORTUNES) for s in p if 5 <= n_words(s) <= 20))
+    random.Random(f"{seed}-eval").shuffle(sentences)
+    return sentences[:num_eval]
+
+
 def _key(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9' ]", " ", text.lower()).split())
 
@@ -314,24 +396,29 @@ class Utterance:
 
 
 def plan(seed: int, speakers: list[int], num_utterances: int | None, hours: float | None,
-         num_eval: int, splice: float = 0.0, exclude: set[str] = frozenset(),
-         ) -> tuple[list[str], list[Utterance], list[Utterance]]:
+         num_eval: int, splice: float = 0.0, exclude: set[str] = frozenset(), text: str = "grammar",
+         grammar_share: float = 0.2) -> tuple[list[str], list[Utterance], list[Utterance]]:
     """Held-out sentences, training utterances and held-out renderings, all from `seed`.
 
-    `exclude`: more sentences (e.g. another corpus's held-out ones) never to use for training."""
-    r_eval = random.Random(f"{seed}-eval")
-    eval_maker = LineMaker(r_eval)
+    `exclude`: more sentences (e.g. another corpus's held-out ones) never to use for training. `text`: "grammar"
+    (the templates) or "open" (fortunes, with `grammar_share` of conversations from the templates; the held-out
+    sentences come from a fortune package training never reads)."""
     eval_sentences: list[str] = []
-    while len(eval_sentences) < num_eval:
-        text = eval_maker.line(slotted=True)
-        if _key(text) not in {_key(t) for t in eval_sentences}:
-            eval_sentences.append(text)
+    if text == "open":
+        eval_sentences = open_eval_sentences(seed, num_eval)
+    else:
+        eval_maker = LineMaker(random.Random(f"{seed}-eval"))
+        while len(eval_sentences) < num_eval:
+            line = eval_maker.line(slotted=True)
+            if _key(line) not in {_key(t) for t in eval_sentences}:
+                eval_sentences.append(line)
     excluded = {_key(t) for t in eval_sentences} | {_key(t) for t in exclude}
     heldout = [Utterance(f"heldout/{i:03d}_spk{speakers[i % len(speakers)]}.wav", text,
                          speakers[i % len(speakers)], -1, 0) for i, text in enumerate(eval_sentences)]
 
     r = random.Random(f"{seed}-train")
     maker = LineMaker(r, excluded, splice)
+    opener = OpenLines(r, fortune_passages(TRAIN_FORTUNES), excluded, grammar_share) if text == "open" else None
     utts: list[Utterance] = []
     est_seconds, budget = 0.0, (hours * 3600 if hours else None)
     conv = 0
@@ -343,14 +430,16 @@ def plan(seed: int, speakers: list[int], num_utterances: int | None, hours: floa
         a, b = r.sample(speakers, 2) if len(speakers) > 1 else (speakers[0], speakers[0])
         turns = r.randint(2, 6)
         lines: list[str] = []
-        while len(lines) < turns:
+        if opener is not None:
+            lines = opener.conversation(turns)
+        while len(lines) < turns and opener is None:
             lines += maker.exchange() if turns - len(lines) >= 2 and r.random() < 0.8 else [maker.line()]
-        for t, text in enumerate(lines[:turns]):
+        for t, line in enumerate(lines[:turns]):
             if num_utterances is not None and len(utts) >= num_utterances:
                 break
-            utts.append(Utterance(f"wavs/c{conv:05d}_t{t}.wav", text, a if t % 2 == 0 else b, conv, t,
+            utts.append(Utterance(f"wavs/c{conv:05d}_t{t}.wav", line, a if t % 2 == 0 else b, conv, t,
                                   round(r.uniform(0.94, 1.06), 3)))
-            est_seconds += 0.4 + 0.33 * n_words(text)  # rough speaking time, for --hours
+            est_seconds += 0.4 + 0.33 * n_words(line)  # rough speaking time, for --hours
         conv += 1
     return eval_sentences, utts, heldout
 
@@ -513,6 +602,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--splice", type=float, default=0.0,
                    help="share of training lines spliced from two grammar lines (0-1, default 0): more distinct "
                         "sentences, so that a model learns to read rather than memorise")
+    p.add_argument("--text", choices=["grammar", "open"], default="grammar",
+                   help="grammar (default): template lines over ~400 words; open: English sentences from Debian's "
+                        "fortunes packages (3-25 words), with held-out sentences from fortune-anarchism, which "
+                        "training never reads")
+    p.add_argument("--grammar-share", type=float, default=0.2,
+                   help="with --text open: share of conversations made from the grammar (names, times, numbers)")
     p.add_argument("--exclude-sentences", type=Path, action="append", default=[],
                    help="a text file of sentences (one per line) never to use for training, e.g. another "
                         "corpus's eval_sentences.txt; repeatable")
@@ -538,8 +633,12 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             p.error(f"--exclude-sentences: no such file: {path}")
         exclude |= {line.strip() for line in path.read_text().splitlines() if line.strip()}
-    eval_sentences, utts, heldout = plan(args.seed, speakers, args.num_utterances, args.hours, args.num_eval,
-                                         args.splice, exclude)
+    try:
+        eval_sentences, utts, heldout = plan(args.seed, speakers, args.num_utterances, args.hours, args.num_eval,
+                                             args.splice, exclude, args.text, args.grammar_share)
+    except ToolMissing as e:
+        print(f"make_corpus: {e}", file=sys.stderr)
+        return 2
     if args.dry_run:
         for u in utts[:30]:
             print(f"conv {u.conversation:4d} turn {u.turn} spk {u.speaker}: {u.text}")
@@ -559,6 +658,8 @@ def main(argv: list[str] | None = None) -> int:
                 "voices": [asdict(VOICES[s]) for s in speakers]}
     if args.splice or exclude:  # only when used, so corpora made before these options still resume
         settings.update(splice=args.splice, excluded=sorted(exclude))
+    if args.text != "grammar":
+        settings.update(text=args.text, grammar_share=args.grammar_share)
     settings_path = out / "corpus.json"
     if settings_path.is_file():
         old = json.loads(settings_path.read_text())

@@ -313,6 +313,8 @@ class Generator:
     def prompt_frames(self, text: str, speaker: int, context: Sequence[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
         """The frames the backbone reads before speaking: every context segment, then the line's text."""
         _check_text(text)
+        if self.tokenizer.phonemes and not any(c.isalpha() for c in self.tokenizer.phonemize(text)):
+            raise ValueError(f"nothing to say in {text!r}: espeak-ng reads no sounds in it")
         self.check_speaker(speaker, "speaker")
         for seg in context:
             self.check_speaker(seg.speaker, "context speaker")

@@ -36,9 +36,20 @@ class MimiConfig:
     num_semantic: int = 1
     codebook_size: int = 2048
     codebook_dim: int = 256
+    # "seanet": Mimi as published. "mel": the CPU-trainable codec of spectral.py; ratios are then (25 Hz -> 100 Hz
+    # upsampling, STFT hop), num_filters the ConvNeXt width, num_residual_layers the decoder's ConvNeXt blocks.
+    frontend: str = "seanet"
+    n_fft: int = 960
+    n_mels: int = 80
+    mel_encoder_layers: int = 2
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ratios", tuple(self.ratios))
+        if self.frontend not in ("seanet", "mel"):
+            raise ValueError(f"frontend must be 'seanet' or 'mel', got {self.frontend!r}")
+        if self.frontend == "mel" and (len(self.ratios) != 2 or self.n_fft % self.ratios[-1]):
+            raise ValueError(f"a mel codec has ratios (upsampling, STFT hop) with n_fft a multiple of the hop, got "
+                             f"ratios {self.ratios}, n_fft {self.n_fft}")
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if not 0 < self.num_semantic < self.num_codebooks:
@@ -114,6 +125,10 @@ class MimiConfig:
             num_semantic=cfg.get("num_semantic_quantizers", 1),
             codebook_size=cfg.get("codebook_size", 2048),
             codebook_dim=cfg.get("vector_quantization_hidden_dimension", 256),
+            frontend=cfg.get("csm_frontend", "seanet"),
+            n_fft=cfg.get("n_fft", 960),
+            n_mels=cfg.get("n_mels", 80),
+            mel_encoder_layers=cfg.get("mel_encoder_layers", 2),
         )
 
     def to_transformers(self) -> dict[str, Any]:
@@ -129,7 +144,8 @@ class MimiConfig:
             norm_eps=self.norm_eps, num_quantizers=self.num_codebooks, num_semantic_quantizers=self.num_semantic,
             codebook_size=self.codebook_size, codebook_dim=self.codebook_dim,
             vector_quantization_hidden_dimension=self.codebook_dim, max_position_embeddings=8000,
-        )
+        ) | ({} if self.frontend == "seanet" else dict(csm_frontend=self.frontend, n_fft=self.n_fft,
+                                                       n_mels=self.n_mels, mel_encoder_layers=self.mel_encoder_layers))
 
 
 PRESETS: dict[str, MimiConfig] = {
@@ -144,6 +160,12 @@ PRESETS: dict[str, MimiConfig] = {
     "tiny": MimiConfig(
         dim=16, num_filters=2, ratios=(4, 3, 2, 2), upsample_groups=16, num_layers=1, num_heads=2,
         intermediate_size=32, context=5, num_codebooks=4, codebook_size=32, codebook_dim=8,
+    ),
+    # The mel/iSTFT front end (spectral.py) at test widths: 24 kHz, 100 Hz STFT, 25 Hz latents, 12.5 Hz frames.
+    "tiny-mel": MimiConfig(
+        frontend="mel", ratios=(4, 240), n_fft=960, n_mels=16, dim=16, num_filters=16, num_residual_layers=1,
+        mel_encoder_layers=1, upsample_groups=16, num_layers=1, num_heads=2, intermediate_size=32, context=5,
+        num_codebooks=4, codebook_size=32, codebook_dim=8,
     ),
 }
 

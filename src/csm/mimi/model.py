@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .config import MimiConfig
 from .conv import CausalConv1d, CausalConvTranspose1d, SEANetDecoder, SEANetEncoder
 from .quantizer import SplitRVQ
+from .spectral import ISTFTDecoder, MelEncoder
 from .transformer import Transformer
 
 
@@ -32,7 +33,8 @@ class Mimi(nn.Module):
     def __init__(self, cfg: MimiConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = SEANetEncoder(cfg)
+        mel = cfg.frontend == "mel"
+        self.encoder = MelEncoder(cfg) if mel else SEANetEncoder(cfg)
         self.encoder_transformer = Transformer(cfg)
         self.downsample = CausalConv1d(cfg.dim, cfg.dim, 2 * cfg.latent_stride, cfg.latent_stride, bias=False,
                                        pad_mode="replicate")
@@ -40,7 +42,7 @@ class Mimi(nn.Module):
         self.upsample = CausalConvTranspose1d(cfg.dim, cfg.dim, 2 * cfg.latent_stride, cfg.latent_stride,
                                               groups=cfg.upsample_groups, bias=False)
         self.decoder_transformer = Transformer(cfg)
-        self.decoder = SEANetDecoder(cfg)
+        self.decoder = ISTFTDecoder(cfg) if mel else SEANetDecoder(cfg)
 
     @property
     def frame_size(self) -> int:

@@ -33,6 +33,7 @@ KYUTAI_CHECKPOINT = "tokenizer-e351c8d8-checkpoint125.safetensors"
 CSM_PREFIX = "codec_model."
 # Kyutai's name first: Kyutai repos (e.g. kyutai/moshiko-pytorch-bf16) also hold a model.safetensors that is the LM.
 WEIGHT_CANDIDATES = (KYUTAI_CHECKPOINT, "model.safetensors", "model.safetensors.index.json")
+MEL_MODEL_TYPE = "csm_mel_codec"  # config.json of a codec with the spectral front end (spectral.py)
 _EPS = 1e-5  # cluster_usage clamp, as in moshi and transformers
 _MISSING = "!missing:"  # marks a tensor `convert_state_dict` could not build, for `load_into` to report
 
@@ -239,7 +240,7 @@ def config_from_json(cfg: dict | None) -> MimiConfig:
         return PRESETS["kyutai/mimi"]
     if isinstance(cfg.get("codec_config"), dict):
         return MimiConfig.from_transformers(cfg["codec_config"])
-    if cfg.get("model_type") == "mimi":
+    if cfg.get("model_type") in ("mimi", MEL_MODEL_TYPE):
         return MimiConfig.from_transformers(cfg)
     return PRESETS["kyutai/mimi"]
 
@@ -292,6 +293,8 @@ def save_mimi(model: Mimi, directory: str | os.PathLike, *, dtype: torch.dtype |
 
 def mimi_config_json(cfg: MimiConfig) -> dict:
     """A transformers-style config.json that `load_mimi` (and transformers' MimiModel) read."""
+    if cfg.frontend != "seanet":  # not a transformers MimiModel: a model_type transformers will not mistake for one
+        return {"model_type": MEL_MODEL_TYPE, **cfg.to_transformers(), "frame_rate": cfg.frame_rate}
     return {"model_type": "mimi", "architectures": ["MimiModel"], **cfg.to_transformers(), "frame_rate": cfg.frame_rate}
 
 

@@ -57,6 +57,10 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
                    help="tokenizer.json / model directory / hub id (default: the output's, else Llama-3.2's)")
     p.add_argument("--train-tokenizer", type=int, default=0, metavar="VOCAB",
                    help="train a small BPE tokenizer of this vocabulary size on the transcripts (tiny models)")
+    p.add_argument("--phonemes", default=None, metavar="LANG",
+                   help="read the text as espeak-ng phonemes of this language (e.g. en-us): builds a "
+                        "character-level phoneme tokenizer from the transcripts (small models that must speak any "
+                        "line)")
     p.add_argument("--speaker", type=int, default=0, help="speaker id where the input gives none")
     p.add_argument("--max-seconds", type=float, default=120.0, help="skip longer audio files")
     p.add_argument("--shard-size", type=int, default=256, help="utterances per shard file")
@@ -91,11 +95,23 @@ def _prepare(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..tokenizer import DEFAULT_TOKENIZER_REPO, TextTokenizer, train_tokenizer
+    from ..tokenizer import DEFAULT_TOKENIZER_REPO, TextTokenizer, train_phoneme_tokenizer, train_tokenizer
     from .data import TOKENIZER, load_codec, prepare, read_items
 
     out = Path(args.out)
-    if args.train_tokenizer:
+    if args.phonemes and (args.train_tokenizer or args.tokenizer):
+        raise SystemExit("csm prepare: --phonemes builds its own tokenizer; drop --train-tokenizer / --tokenizer")
+    if args.phonemes and (out / TOKENIZER).is_file():  # resuming: the symbols must not change under the shards
+        tokenizer = TextTokenizer.from_file(out / TOKENIZER)
+        if tokenizer.phonemes != args.phonemes:
+            raise SystemExit(f"csm prepare: {out / TOKENIZER} does not read {args.phonemes} phonemes; use a new --out")
+    elif args.phonemes:
+        items, _ = read_items(args.input, args.speaker)
+        from tqdm import tqdm
+
+        texts = tqdm([f"[{it.speaker}]{it.text}" for it in items], desc="phonemes", disable=args.no_progress)
+        tokenizer = train_phoneme_tokenizer(texts, args.phonemes)
+    elif args.train_tokenizer:
         items, _ = read_items(args.input, args.speaker)
         tokenizer = train_tokenizer([f"[{it.speaker}]{it.text}" for it in items], vocab_size=args.train_tokenizer)
     elif args.tokenizer:

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from ..mimi import Mimi, MimiConfig, PRESETS as MIMI_PRESETS
 from ..mimi.quantizer import RVQ
+from ..mimi.spectral import mel_filterbank
 from ..mimi.weights import mimi_config_json
 from .cli import SCHEDULE_HELP, add_config_flags
 from .train import checkpoint_dirs, find_resume_dir, lr_at
@@ -52,13 +53,21 @@ from .train import checkpoint_dirs, find_resume_dir, lr_at
 STATE_FILE, LOG_FILE, WEIGHTS_FILE, CONFIG_FILE = "train_state.pt", "log.jsonl", "model.safetensors", "config.json"
 _EPS = 1e-5
 
-# Codec presets for training (the csm.mimi presets are accepted too). All keep Mimi's structure: ratios (8, 6, 5, 4)
-# and a x2 latent stride (24 kHz -> 12.5 Hz), split RVQ with 1 semantic codebook.
+# Codec presets for training (the csm.mimi presets are accepted too). All keep Mimi's frame structure (24 kHz ->
+# 25 Hz latents -> x2 stride -> 12.5 Hz, split RVQ with 1 semantic codebook); "mel" ones swap SEANet for the
+# spectral front and back ends (csm/mimi/spectral.py), which cost far less per second of audio on a CPU.
 CODEC_PRESETS: dict[str, MimiConfig] = {
     # ~4.6 M parameters: the embedded voice's codec, trainable on 2 CPU cores in ~30-60 min to intelligible speech.
     "embedded": MimiConfig(
         dim=256, num_filters=16, upsample_groups=256, num_layers=2, num_heads=4, intermediate_size=512,
         context=250, num_codebooks=8, codebook_size=512, codebook_dim=64,
+    ),
+    # The embedded voice's second codec: log-mel in, Vocos-style iSTFT out, 16 codebooks x 1024 (trained with
+    # quantizer dropout, so the first 8 or 12 also decode).
+    "embedded-mel": MimiConfig(
+        frontend="mel", ratios=(4, 240), n_fft=960, n_mels=80, num_filters=320, num_residual_layers=8,
+        mel_encoder_layers=2, kernel_size=7, dim=256, upsample_groups=256, num_layers=2, num_heads=4,
+        intermediate_size=512, context=250, num_codebooks=16, codebook_size=1024, codebook_dim=64,
     ),
     # ~20 M: a GPU-sized step up (same frame structure, 16 codebooks).
     "small-gpu": MimiConfig(
@@ -495,26 +504,6 @@ class CodecModel(nn.Module):
 
 
 # --- losses -------------------------------------------------------------------------------------------------------
-
-
-def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, f_min: float = 0.0, f_max: float | None = None) -> Tensor:
-    """[n_mels, n_fft // 2 + 1] triangular filters on the HTK mel scale, Slaney area normalisation."""
-    f_max = f_max or sample_rate / 2
-
-    def hz_to_mel(f):
-        return 2595.0 * torch.log10(1.0 + torch.as_tensor(f, dtype=torch.float64) / 700.0)
-
-    def mel_to_hz(m):
-        return 700.0 * (10 ** (m / 2595.0) - 1.0)
-
-    freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)
-    pts = mel_to_hz(torch.linspace(hz_to_mel(f_min), hz_to_mel(f_max), n_mels + 2, dtype=torch.float64))
-    lower, centre, upper = pts[:-2, None], pts[1:-1, None], pts[2:, None]
-    up = (freqs[None] - lower) / (centre - lower)
-    down = (upper - freqs[None]) / (upper - centre)
-    fb = torch.clamp(torch.minimum(up, down), min=0.0)
-    fb = fb * (2.0 / (upper - lower))  # Slaney: constant energy per filter
-    return fb.float()
 
 
 class MelSpec(nn.Module):
