@@ -703,3 +703,28 @@ def test_voice_round_train_and_unpack(prepared, micro_config, tmp_path):
     assert "optimizer" not in torch.load(step / "train_state.pt", weights_only=True)
     assert "eval_loss" in (step.parent / "log.jsonl").read_text()
     load_mimi(tmp_path / "round" / "codec" / "step-000002")
+
+
+def test_training_can_be_watched(prepared, micro_config, tmp_path):
+    """TensorBoard events beside log.jsonl: the losses, the held-out loss, and with --listen the held-out lines
+    spoken at each evaluation (with Whisper's WER when faster-whisper is installed)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from csm.mimi import Mimi, preset, save_mimi
+
+    save_mimi(Mimi(preset("tiny-mel")).eval(), tmp_path / "codec")  # 4 codebooks, like the micro model
+    (tmp_path / "lines.txt").write_text("hello there\nhow are you today\nunused line\n")
+    records = train(_cfg(prepared, tmp_path / "w", model_config=micro_config, steps=4, eval_every=2,
+                         eval_fraction=0.3, listen=str(tmp_path / "lines.txt"), listen_codec=str(tmp_path / "codec"),
+                         listen_lines=2, progress=False))
+    events = EventAccumulator(str(tmp_path / "w" / "tb"), size_guidance={"audio": 0}).Reload()
+    tags = events.Tags()
+    assert {"train/loss", "train/lr", "eval/eval_loss"} <= set(tags["scalars"])
+    assert sorted(tags["audio"]) == ["listen/0", "listen/1"]
+    assert [e.step for e in events.Audio("listen/0")] == [2, 4]
+    try:
+        import faster_whisper  # noqa: F401
+    except ImportError:
+        return
+    assert "eval/listen_wer" in tags["scalars"] and all("listen_wer" in r for r in records if "eval_loss" in r)

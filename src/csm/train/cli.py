@@ -44,6 +44,13 @@ HELP = {
     "lora_train_heads": "with LoRA, also train the codebook-0 and decoder output heads",
     "device": "cpu / cuda (default: cuda if available; under torchrun cuda:LOCAL_RANK)",
     "fsdp": "under torchrun: shard the model with FSDP instead of replicating it with DDP",
+    "progress": "show a progress bar",
+    "tensorboard": "write TensorBoard events to OUT/tb: losses, learning rate, held-out loss, and with --listen the "
+                   "lines spoken at each evaluation (tensorboard --logdir OUT)",
+    "listen": "a text file of held-out lines: at each evaluation the model speaks the first --listen-lines of them "
+              "(speaker 0, seed 0) into TensorBoard, with Whisper's WER when faster-whisper is installed",
+    "listen_codec": "the codec that decodes the --listen lines (the one the data was prepared with)",
+    "listen_lines": "how many --listen lines to speak at each evaluation",
 }
 
 

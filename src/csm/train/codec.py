@@ -49,6 +49,7 @@ from ..mimi.spectral import mel_filterbank
 from ..mimi.weights import mimi_config_json
 from .cli import SCHEDULE_HELP, add_config_flags
 from .train import checkpoint_dirs, find_resume_dir, lr_at
+from .watch import Watch
 
 STATE_FILE, LOG_FILE, WEIGHTS_FILE, CONFIG_FILE = "train_state.pt", "log.jsonl", "model.safetensors", "config.json"
 _EPS = 1e-5
@@ -141,6 +142,7 @@ class CodecTrainConfig:
     save_every: int = 500  # 0: only at the end
     keep_checkpoints: int = 0
     progress: bool = True
+    tensorboard: bool = True  # TensorBoard events in out/tb (losses, held-out scores, audio)
 
 
 # --- data -----------------------------------------------------------------------------------------------------------
@@ -851,11 +853,7 @@ def train_codec(cfg: CodecTrainConfig, *, clips: ClipSet | None = None, eval_cli
           file=sys.stderr, flush=True)
 
     records: list[dict] = []
-    bar = None
-    if cfg.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=step, desc="train-codec", dynamic_ncols=True)
+    watch = Watch(out, cfg.steps, step, "train-codec", cfg.progress, cfg.tensorboard)
     window: dict[str, float] = {}
     n_window, t0 = 0, time.perf_counter()
     last_saved = step if resume_dir else -1
@@ -894,9 +892,7 @@ def train_codec(cfg: CodecTrainConfig, *, clips: ClipSet | None = None, eval_cli
         train_seconds += time.perf_counter() - t_step
         out_of_time = bool(budget) and train_seconds >= budget
         last = step == cfg.steps or out_of_time
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", mel=f"{metrics['mel_loss']:.3f}")
+        watch.step(loss=metrics["loss"], mel=metrics["mel_loss"])
 
         record = None
         if step % cfg.log_every == 0 or last:
@@ -909,30 +905,37 @@ def train_codec(cfg: CodecTrainConfig, *, clips: ClipSet | None = None, eval_cli
             record = {"step": step, **(record or {}), **evaluate(model, eval_clips, device, val_mel)}
             if held_codes is not None:
                 record.update(evaluate_codes(model, held_codes, device, val_mel, eval_len // frame))
+            _listen(watch, model, eval_clips[:2], device, step)
         if record is not None:
             record["time"] = time.time()
             record["train_minutes"] = train_seconds / 60
             records.append(record)
-            _log(out, record, bar)
+            _log(out, record, watch)
         if ((cfg.save_every and step % cfg.save_every == 0) or last) and step != last_saved:
             model.sync_codebooks()
             path = save_training_checkpoint(cfg, model, opt, disc, disc_opt, step, train_seconds)
             last_saved = step
-            _print(f"saved {path}", bar)
+            watch.print(f"saved {path}")
         t0 += time.perf_counter() - paused
-    if bar is not None:
-        bar.close()
+    watch.close()
     return records
 
 
-def _print(msg: str, bar) -> None:
-    if bar is not None:
-        bar.write(msg, file=sys.stderr)
-    else:
-        print(msg, file=sys.stderr, flush=True)
+@torch.no_grad()
+def _listen(watch: Watch, model: CodecModel, clips: list[Tensor], device: torch.device, step: int) -> None:
+    """Held-out clips and their resynthesis, to hear in TensorBoard."""
+    if watch.writer is None:
+        return
+    model.eval()
+    for i, clip in enumerate(clips):
+        x = clip.to(device)[None, None]
+        watch.audio(step, f"original/{i}", x, model.cfg.sample_rate)
+        watch.audio(step, f"decoded/{i}", model.mimi.decode(model.mimi.encode(x))[..., : x.shape[-1]],
+                    model.cfg.sample_rate)
+    model.train()
 
 
-def _log(out: Path, record: dict, bar) -> None:
+def _log(out: Path, record: dict, watch: Watch) -> None:
     with open(out / LOG_FILE, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
     parts = [f"step {record['step']}"]
@@ -941,7 +944,8 @@ def _log(out: Path, record: dict, bar) -> None:
         if key in record:
             v = record[key]
             parts.append(f"{key} {v:.2e}" if key == "lr" else f"{key} {v:.4g}")
-    _print(" | ".join(parts), bar)
+    watch.print(" | ".join(parts))
+    watch.scalars(record["step"], record)
 
 
 # --- command line -------------------------------------------------------------------------------------------------
@@ -969,6 +973,7 @@ HELP = {
                     "codes of all codebooks: codes already prepared for a CSM stay valid",
     "adversarial": "add a multi-scale STFT discriminator (hinge) + feature matching",
     "threads": "torch CPU threads (0: torch's default)",
+    "tensorboard": "write TensorBoard events to OUT/tb (losses, held-out scores, held-out clips and their decoding)",
 }
 
 

@@ -33,6 +33,7 @@ from ..checkpoints import load_checkpoint, save_state_dict
 from ..config import CSMConfig, get_config
 from ..model import CSM
 from . import lora as lora_lib
+from .watch import Watch
 from .data import (
     TOKENIZER, Batch, Corpus, audio_targets, collate, decoder_frames, data_dirs, epoch_batches, load_corpus,
     noisy_codes, pack, shared_text_fraction, shared_tokenizer, split_examples,
@@ -85,6 +86,13 @@ class TrainConfig:
     eval_batches: int = 20
     save_every: int = 500  # 0: only at the end
     keep_checkpoints: int = 0  # keep only the newest N checkpoint directories (0: all)
+    progress: bool = True  # a progress bar on stderr
+    tensorboard: bool = True  # TensorBoard events in out/tb
+    # At each evaluation, speak the first listen_lines lines of this text file (speaker 0, seed 0) through
+    # listen_codec: TensorBoard gets the audio and, with faster-whisper installed (`csm[eval]`), Whisper's WER.
+    listen: str | None = None
+    listen_codec: str | None = None
+    listen_lines: int = 3
 
 
 # --- the loss -----------------------------------------------------------------------------------------------------
@@ -433,6 +441,8 @@ def train(cfg: TrainConfig) -> list[dict]:
               + (f"; resuming at step {step} from {resume_dir}" if resume_dir else ""), flush=True)
 
     records: list[dict] = []
+    watch = Watch(out, cfg.steps, step, "train", cfg.progress, cfg.tensorboard, enabled=d.main)
+    listener = Listener(cfg, tokenizer_file, device) if cfg.listen and d.main else None
     batches = epoch_batches(train_ids, corpus.lengths, seq_len, cfg.batch_size, cfg.seed, epoch, cfg.pack)
     k = model_cfg.audio_num_codebooks
     window = {"loss": 0.0, "c0": 0.0, "dec": 0.0, "frames": 0, "steps": 0, "t": time.perf_counter()}
@@ -480,6 +490,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         optimizer.zero_grad(set_to_none=True)
         step, pos = step + 1, pos + per_step
         window["steps"] += 1
+        watch.step()
         train_seconds += time.perf_counter() - t_step
         if budget:  # every process stops at the same step
             out_of_time = _all_reduce([float(train_seconds >= budget)], d, device)[0] > 0
@@ -497,33 +508,80 @@ def train(cfg: TrainConfig) -> list[dict]:
                       "frames_per_s": frames / max(elapsed, 1e-9)}
             window = {"loss": 0.0, "c0": 0.0, "dec": 0.0, "frames": 0, "steps": 0, "t": time.perf_counter()}
         paused = time.perf_counter()
-        if eval_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
+        evaluating = (cfg.eval_every and step % cfg.eval_every == 0) or last
+        if eval_batches and evaluating:
             record = {"step": step, **(record or {}), **evaluate(module, eval_corpus, eval_batches, cfg, d, device)}
+        if listener is not None and evaluating:
+            record = {"step": step, **(record or {}), **listener(_unwrap(module).model, watch, step)}
         if record is not None:
             records.append(record)
             if d.main:
-                _log(out, record)
+                _log(out, record, watch)
         if ((cfg.save_every and step % cfg.save_every == 0) or last) and step != last_saved:
             progress = {"step": step, "epoch": epoch, "pos": pos, "train_seconds": train_seconds}
             path = save_training_checkpoint(cfg, module, optimizer, progress, d, tokenizer_file)
             last_saved = step
             if d.main:
-                print(f"saved {path}", flush=True)
+                watch.print(f"saved {path}")
             if d.world > 1:
                 dist.barrier()
         window["t"] += time.perf_counter() - paused  # throughput counts training time only
+    watch.close()
     return records
 
 
-def _log(out: Path, record: dict) -> None:
+class Listener:
+    """Hear the model as it trains: held-out lines spoken at each evaluation, with Whisper's WER when it is there."""
+
+    def __init__(self, cfg: TrainConfig, tokenizer_file: Path, device: torch.device) -> None:
+        from ..evaluate import read_texts
+        from ..mimi import load_mimi
+        from ..tokenizer import TextTokenizer
+
+        if not cfg.listen_codec:
+            raise ValueError("--listen needs --listen-codec: the codec the data was prepared with")
+        self.lines = read_texts(cfg.listen)[: cfg.listen_lines]
+        self.tokenizer = TextTokenizer.from_file(tokenizer_file)
+        self.codec = load_mimi(cfg.listen_codec, device=device)
+        try:
+            from ..evaluate import Transcriber
+
+            self.transcriber = Transcriber()
+        except ImportError:
+            self.transcriber = None
+
+    @torch.no_grad()
+    def __call__(self, model: CSM, watch: Watch, step: int) -> dict:
+        from ..evaluate import word_error_rate
+        from ..generate import Generator
+
+        was_training = model.training
+        gen = Generator(model.eval(), self.tokenizer, self.codec, engine="eager")
+        errors, words = 0.0, 0
+        for i, line in enumerate(self.lines):
+            speech = gen.generate(line, speaker=0, seed=0, max_audio_length_ms=min(20_000, 1500 + 600 * len(line.split())))
+            wav = speech.audio.float().cpu()
+            caption = line
+            if self.transcriber is not None:
+                heard = self.transcriber(wav.numpy(), self.codec.sample_rate)
+                errors += word_error_rate(line, heard) * len(line.split())
+                words += len(line.split())
+                caption = f"{line}  \n*heard:* {heard}"
+            watch.audio(step, f"listen/{i}", wav, self.codec.sample_rate, caption)
+        model.train(was_training)
+        return {"listen_wer": errors / words} if words else {}
+
+
+def _log(out: Path, record: dict, watch: Watch) -> None:
     with open(out / LOG_FILE, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
     parts = [f"step {record['step']}"]
     for key, fmt in (("loss", ".4f"), ("c0_loss", ".4f"), ("decoder_loss", ".4f"), ("lr", ".2e"), ("grad_norm", ".2f"),
-                     ("frames_per_s", ".0f"), ("eval_loss", ".4f")):
+                     ("frames_per_s", ".0f"), ("eval_loss", ".4f"), ("listen_wer", ".3f")):
         if key in record:
             parts.append(f"{key} {record[key]:{fmt}}")
-    print(" | ".join(parts), flush=True)
+    watch.print(" | ".join(parts))
+    watch.scalars(record["step"], record)
 
 
 def _warn_if_data_order_changes(state: dict, cfg: TrainConfig, d: Dist) -> None:
