@@ -96,7 +96,8 @@ def test_cancel_frees_the_slot_and_bad_requests_fail_at_submit(gen):
         b.submit(Request("hello", 0, max_audio_length_ms=10_000_000))
     with pytest.raises(ValueError, match="empty"):
         b.submit(Request(" ", 0))
-    b.submit(long)
+    b.submit(long)  # takes the free slot at the next step
+    b.submit(long)  # waits
     with pytest.raises(Busy):
         b.submit(long)
 
@@ -153,7 +154,7 @@ def test_speech_streams_the_generators_audio(server, gen):
     # server-sent events: base64 deltas of the same bytes, then a done event
     resp, data = _post(server, {**LINE, "response_format": "pcm", "stream_format": "sse"})
     events = [json.loads(line[6:]) for line in data.decode().split("\n\n") if line.startswith("data: ")]
-    assert resp.getheader("Content-Type") == "text/event-stream" and events[-1]["type"] == "speech.audio.done"
+    assert resp.getheader("Content-Type").startswith("text/event-stream") and events[-1]["type"] == "speech.audio.done"
     pcm = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
     assert np.array_equal(np.frombuffer(pcm, "<i2"), got)
 
@@ -378,3 +379,86 @@ def test_a_conversations_turns_are_spoken_one_after_another(server, gen):
     want = gen.generate_long("fine thanks", 1, [Segment(0, first["input"], turn.codes)], 800, seed=6)
     assert np.abs(np.frombuffer(results["b"], "<i2").astype(int) - _pcm16(want.audio)).max() <= 1
     assert "c2" not in server.service._speaking
+
+
+def _flac(channels: int, rate: int, seconds: float) -> str:
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros((int(rate * seconds), channels), dtype=np.int16), rate, format="FLAC")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.parametrize("turns, words", [
+    ([_flac(8, 192_000, 0.5)], "8 channels, over the limit of 2"),
+    ([_flac(1, 24_000, 40), _flac(1, 24_000, 40)], "longer than the limit of 20 s"),  # 60 s per request in all
+])
+def test_context_audio_is_bounded_from_its_header(server, turns, words):
+    body = {"input": "hi", "context": [{"speaker": 0, "text": "hello", "audio": a} for a in turns]}
+    t0 = time.perf_counter()
+    resp, data = _post(server, body)
+    assert resp.status == 400 and words in json.loads(data)["error"]["message"]
+    assert time.perf_counter() - t0 < 5  # refused from the header, not after decoding
+
+
+@pytest.mark.parametrize("raw, status, words", [
+    (b"PUT /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", 405, "PUT is not allowed"),
+    (b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400, None),
+    (b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n", 413, "over the limit"),
+])
+def test_malformed_http_gets_a_quick_answer(server, raw, status, words):
+    sock = socket.create_connection(server.server_address[:2], timeout=5)
+    sock.sendall(raw)
+    head = sock.recv(65536)
+    sock.close()
+    assert head.startswith(b"HTTP/1.1 %d" % status), head[:80]
+    if words:
+        assert words.encode() in head
+
+
+def test_values_of_the_wrong_type_are_refused_not_cast(server):
+    for body, param in [({"input": "hi", "seed": True}, "seed"), ({"input": "hi", "seed": 1.5}, "seed"),
+                        ({"input": "hi", "context": [{"speaker": 0, "text": "x", "codes": [[1.0] * 3] * 32}]},
+                         "context"), ({"input": "hi", "topk": "5"}, "topk")]:
+        resp, data = _post(server, body)
+        error = json.loads(data)["error"]
+        assert resp.status == 400 and error["param"] == param, error
+
+
+def test_a_full_server_says_429_with_retry_after(gen):
+    srv = make_server(gen, port=0, slots=1, max_waiting=0, quiet=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        body = json.dumps({"input": "hello there", "response_format": "pcm", "max_audio_length_ms": 38_000,
+                           "topk": 1}).encode()
+        hog = socket.create_connection(srv.server_address[:2])  # streams while we ask again, unread
+        hog.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert hog.recv(64).startswith(b"HTTP/1.1 200")
+        conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=30)
+        conn.request("POST", "/v1/audio/speech", json.dumps({**LINE, "response_format": "pcm"}))
+        resp = conn.getresponse()
+        error = json.loads(resp.read())["error"]
+        assert resp.status == 429 and resp.getheader("Retry-After") == "2" and error["type"] == "server_busy"
+        conn.request("GET", "/health")
+        health = json.loads(conn.getresponse().read())
+        assert health["admitted"] == 1 and health["capacity"] == 1
+        hog.close()
+        deadline = time.time() + 60
+        while srv.service.batcher.stats()["busy"] and time.time() < deadline:
+            time.sleep(0.05)
+        conn.request("POST", "/v1/audio/speech", json.dumps({**LINE, "response_format": "pcm"}))
+        assert conn.getresponse().status == 200
+    finally:
+        srv.shutdown()
+        srv.service.batcher.close()
+
+
+def test_every_sentence_is_checked_before_the_first_byte(gen, tokenizer):
+    """A line whose second sentence cannot be spoken fails with a 400 before any audio, not mid-stream."""
+    pytest.importorskip("piper.phonemize_espeak")
+    from csm.serve.server import ApiError, SpeechService
+    from csm.tokenizer import train_phoneme_tokenizer
+
+    phonemes = Generator(gen.model, train_phoneme_tokenizer(["[0]I think dinner is at seven."]), gen.codec)
+    service = SpeechService(phonemes, Batcher(phonemes, slots=1))
+    with pytest.raises(ApiError, match=r"sentence '\.\.\.': nothing to say"):
+        service.parse({"input": "I think dinner is at seven. ...", "voice": "0"})
+    assert service.parse({"input": "I think dinner is at seven. At 7:30!", "voice": "0"}).text

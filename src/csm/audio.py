@@ -22,13 +22,14 @@ class AudioError(ValueError):
 
 def load_audio(
     path: str | os.PathLike | bytes, sample_rate: int = 24_000, *, max_seconds: float | None = DEFAULT_MAX_SECONDS,
-    name: str = "audio data",
+    name: str = "audio data", max_channels: int | None = None, max_sample_rate: int | None = None,
 ) -> torch.Tensor:
     """Read an audio file (a path, or the file's bytes, called `name` in errors) as mono float32 at `sample_rate`:
     a [T] tensor in [-1, 1] for PCM files.
 
     Channels are averaged; other rates are resampled with soxr (very high quality). `max_seconds=None` lifts the
-    length limit.
+    length limit. The limits (length, `max_channels`, `max_sample_rate`) are checked on the file's header, before
+    anything is decoded.
     """
     import soundfile as sf
 
@@ -45,6 +46,10 @@ def load_audio(
         info = sf.info(opened())
     except Exception as e:
         raise AudioError(f"{path}: not a readable audio file ({type(e).__name__}: {e})") from e
+    if max_channels is not None and info.channels > max_channels:
+        raise AudioError(f"{path}: {info.channels} channels, over the limit of {max_channels} (send mono or stereo)")
+    if max_sample_rate is not None and info.samplerate > max_sample_rate:
+        raise AudioError(f"{path}: {info.samplerate} Hz, over the limit of {max_sample_rate} Hz")
     if max_seconds is not None and info.samplerate > 0 and info.frames / info.samplerate > max_seconds:
         raise AudioError(
             f"{path}: {info.frames / info.samplerate:.1f} s of audio is longer than the limit of {max_seconds:.0f} s"

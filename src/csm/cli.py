@@ -13,6 +13,17 @@ from pathlib import Path
 SUBCOMMAND_MODULES = ("csm.train.cli", "csm.train.codec", "csm.train.judge", "csm.evaluate", "csm.bench", "csm.serve.cli")
 
 
+def _seed(value: str) -> int:
+    """--seed as the server takes it: an integer in [0, 2**63)."""
+    try:
+        seed = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {value!r}") from None
+    if not 0 <= seed < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {seed}")
+    return seed
+
+
 def _say(args: argparse.Namespace) -> int:
     import torch
 
@@ -161,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="draw each sentence N times and keep the one the model's judge reads best (default: the "
                           "model's generation.json, else 1; the embedded voice: 4)")
     say.add_argument("--judge", default=None, metavar="DIR", help="a `csm train-judge` folder for --best-of")
-    say.add_argument("--seed", type=int, default=None)
+    say.add_argument("--seed", type=_seed, default=None, help="a non-negative integer: the same seed, the same speech")
     say.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     say.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     say.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only linears (~1.7x faster on a CPU)")

@@ -684,6 +684,26 @@ class Generator:
                 started = True
                 previous = Segment(spk, line, torch.stack(frames, dim=1)) if chain else None
 
+    def check_lines(self, text: str, speaker: int | None = None, context: Sequence[Segment] = (),
+                    max_audio_length_ms: float = 10_000, max_words: int | None = None) -> list[str]:
+        """The sentences `generate_long` / `stream_long` would speak, each checked as its request will be (text,
+        speaker, context, budget; the previous sentence aside), so that a request that would fail at its third
+        sentence fails before any audio. Context audio must already be codes. Raises ValueError naming the sentence."""
+        lines, spk, _ = self._long_setup(text, speaker, (), max_words, 0)
+        for line in lines:
+            try:
+                self.prepare(self.request(line, spk, context, max_audio_length_ms))
+                if self._best_of() > 1:
+                    from .judge import text_targets
+
+                    if not text_targets(line, self.judge.cfg.alphabet):
+                        raise ValueError("the judge reads no letters in it; write it out in words")
+            except ContextTooLongError:
+                raise
+            except ValueError as e:
+                raise ValueError(f"sentence {line!r}: {e}") from None
+        return lines
+
     def _long_setup(self, text: str, speaker: int | None, context: Sequence[Segment], max_words: int | None,
                     pause_ms: float) -> tuple[list[str], int, list[Segment]]:
         """generate_long's checks: (sentences, speaker, context with waveforms encoded once for all sentences)."""

@@ -60,7 +60,7 @@ class Batcher:
 
     `start()` steps in a background thread; `step()` is one iteration (admit waiting requests, then one frame for
     every busy slot), for callers that drive it themselves (tests). At most `max_waiting` requests may wait for a
-    slot; `submit` refuses more with `Busy`.
+    slot (beyond those a free slot will take at the next step); `submit` refuses more with `Busy`.
     """
 
     def __init__(self, gen: Generator, slots: int = 8, max_waiting: int = 64) -> None:
@@ -90,8 +90,10 @@ class Batcher:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
-            if len(self._waiting) >= self.max_waiting:
-                raise Busy(f"{len(self._waiting)} requests are already waiting for one of {self.slots} slots")
+            free = sum(j is None for j in self.jobs)  # the first `free` of the waiting take a slot at the next step
+            if len(self._waiting) >= self.max_waiting + free:
+                raise Busy(f"{max(0, len(self._waiting) - free)} requests are already waiting for one of "
+                           f"{self.slots} slots")
             self._waiting.append(job)
             self._cond.notify()
         return job

@@ -27,17 +27,16 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"no audio codec found with {args.model}: pass --codec")
     voices = load_voices(args.voices, gen) if args.voices else None
     try:
-        server = make_server(gen, args.host, args.port, slots=args.slots, voices=voices, model_name=args.name,
-                             chunk_frames=args.chunk_frames, api_key=args.api_key or os.environ.get("CSM_API_KEY"))
+        server = make_server(gen, args.host, args.port, slots=args.slots, max_waiting=args.max_waiting,
+                             voices=voices, model_name=args.name, chunk_frames=args.chunk_frames,
+                             api_key=args.api_key or os.environ.get("CSM_API_KEY"))
     except OSError as e:
         raise ValueError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
     host, port = server.server_address[:2]
-    print(f"csm serve: {args.model} on http://{host}:{port}/v1/audio/speech ({args.slots} slots, "
-          f"{len(server.service.voices)} voices); Ctrl-C stops", file=sys.stderr)
+    print(f"csm serve: {args.model} on http://{host}:{port}/ (playground; API at /v1/audio/speech, docs at "
+          f"/docs; {args.slots} slots, {len(server.service.voices)} voices); Ctrl-C stops", file=sys.stderr)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        server.serve_forever()  # uvicorn: Ctrl-C or SIGTERM shut down gracefully
     finally:
         server.server_close()
         server.service.batcher.close()
@@ -51,6 +50,8 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--slots", type=int, default=8, help="requests generated together (continuous batching)")
+    p.add_argument("--max-waiting", type=int, default=None,
+                   help="speech requests that may wait for a slot (default: 2 x slots); more get 429 + Retry-After")
     p.add_argument("--voices", default=None, metavar="JSON",
                    help='named voices: {"name": {"speaker": 0, "text": "...", "audio": "prompt.wav"}}')
     p.add_argument("--name", default="csm", help="the model id /v1/models lists")

@@ -17,19 +17,21 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import contextlib
 import hmac
 import itertools
 import json
+import logging
 import re
 import threading
 import time
-import urllib.parse
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
 
 import torch
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
 from ..audio import SPEED_RANGE, STREAM_FORMATS, AudioError, StreamEncoder, TimeStretch, load_audio
 from ..frames import Segment
@@ -43,14 +45,22 @@ MAX_INPUT_CHARS = 4096  # OpenAI's limit on `input`
 MAX_BODY_BYTES = 32 << 20  # context audio travels as base64 inside the JSON body
 MAX_CONVERSATIONS = 256  # kept in memory, least recently used dropped first
 MAX_ADDED_VOICES = 256  # voices added through POST /v1/audio/voices
+# Context audio is bounded from its header before it is decoded: a turn of 8 channels at 192 kHz is refused
+# before it costs seconds of CPU. The model's own context (CSM-1B: 2048 frames, 164 s) bounds a conversation's.
+MAX_CONTEXT_SECONDS = 60.0  # per request, all turns together
+MAX_CONTEXT_TURNS = 32
+MAX_CHANNELS = 2
+MAX_SAMPLE_RATE = 96_000
 
 
 class ApiError(Exception):
     """A request the server cannot serve: HTTP status + an OpenAI-style error body."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 retry_after: int | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.retry_after = retry_after
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
@@ -128,8 +138,15 @@ class SpeechService:
                    "temperature": _number(body, "temperature", None, 0, 10),
                    "topk": _integer(body, "topk", None, 1, self.gen.model.cfg.audio_vocab_size),
                    "seed": _integer(body, "seed", None, 0, 2**63 - 1)}
-        return SpeechJob(text, voice.speaker, voice.prompt, self._context(body.get("context")), fmt,
-                         stream_format == "sse", conversation, speed, options)
+        job = SpeechJob(text, voice.speaker, voice.prompt, self._context(body.get("context")), fmt,
+                        stream_format == "sse", conversation, speed, options)
+        try:  # every sentence, not only the first, is checked before the response starts
+            self.gen.check_lines(text, job.speaker, [*job.prompt, *job.context], options["max_audio_length_ms"])
+        except ContextTooLongError as e:
+            raise ApiError(400, str(e), "context") from None
+        except ValueError as e:
+            raise ApiError(400, str(e), "input") from None
+        return job
 
     def voice(self, name: object) -> Voice:
         """A voice by name (a voices-file name, an OpenAI name, or a speaker id); None: the model's default."""
@@ -183,9 +200,12 @@ class SpeechService:
             return []
         if not isinstance(turns, list):
             raise ApiError(400, "'context' must be a list of turns", "context")
-        return [self._turn(turn, f"context[{i}]", "context") for i, turn in enumerate(turns)]
+        if len(turns) > MAX_CONTEXT_TURNS:
+            raise ApiError(400, f"'context' has {len(turns)} turns, over the limit of {MAX_CONTEXT_TURNS}", "context")
+        budget = [MAX_CONTEXT_SECONDS]  # audio seconds left for this request's turns, read from headers first
+        return [self._turn(turn, f"context[{i}]", "context", budget) for i, turn in enumerate(turns)]
 
-    def _turn(self, turn: object, where: str, param: str) -> Segment:
+    def _turn(self, turn: object, where: str, param: str, budget: list[float] | None = None) -> Segment:
         """One turn {"speaker" or "voice", "text", "audio" or "codes" or neither} as a Segment with codes."""
         if not isinstance(turn, dict) or not isinstance(turn.get("text"), str) or not turn["text"].strip():
             raise ApiError(400, f"{where} must be an object with a non-empty 'text'", param)
@@ -195,9 +215,10 @@ class SpeechService:
             speaker = turn["speaker"]
         else:
             raise ApiError(400, f"{where} needs a 'speaker' id or a 'voice'", param)
-        return Segment(speaker, turn["text"], self._turn_audio(turn, where, param))
+        return Segment(speaker, turn["text"], self._turn_audio(turn, where, param, budget))
 
-    def _turn_audio(self, turn: dict, where: str, param: str) -> torch.Tensor | None:
+    def _turn_audio(self, turn: dict, where: str, param: str, budget: list[float] | None = None
+                    ) -> torch.Tensor | None:
         """A context turn's audio as Mimi codes [K, F]: 'audio' (base64 bytes of an audio file, any format soundfile
         reads) or 'codes' (lists of ints); neither: a text-only turn."""
         if "audio" in turn:
@@ -205,10 +226,16 @@ class SpeechService:
                 data = base64.b64decode(turn["audio"], validate=True)
             except (binascii.Error, TypeError, ValueError):
                 raise ApiError(400, f"{where}.audio is not valid base64", param) from None
-            try:
-                wav = load_audio(data, self.gen.sample_rate, max_seconds=120, name=f"{where}.audio")
+            left = MAX_CONTEXT_SECONDS if budget is None else budget[0]
+            try:  # the header is read and bounded before anything is decoded
+                wav = load_audio(data, self.gen.sample_rate, max_seconds=left, max_channels=MAX_CHANNELS,
+                                 max_sample_rate=MAX_SAMPLE_RATE, name=f"{where}.audio")
             except AudioError as e:
-                raise ApiError(400, str(e), param) from None
+                raise ApiError(400, f"{e}" + (" (what is left of this request's context audio)"
+                                              if budget is not None and left < MAX_CONTEXT_SECONDS else ""),
+                               param) from None
+            if budget is not None:
+                budget[0] -= len(wav) / self.gen.sample_rate
             return self.gen.encode_audio(wav)
         if "codes" in turn:
             try:
@@ -237,7 +264,8 @@ class SpeechService:
             except ContextTooLongError as e:
                 raise ApiError(400, str(e), "context") from None
             except Busy as e:
-                raise ApiError(503, f"the server is busy ({e}); try again shortly", kind="server_busy") from None
+                raise ApiError(429, f"the server is busy ({e}); try again shortly", kind="server_busy",
+                               retry_after=2) from None
             except ValueError as e:  # a speaker the model does not know, ...
                 raise ApiError(400, str(e)) from None
         except BaseException:
@@ -381,139 +409,249 @@ def _integer(body: dict, key: str, default, low: int, high: int):
     return value
 
 
-# --- HTTP ---------------------------------------------------------------------------------------------------
-class Handler(BaseHTTPRequestHandler):
-    """One HTTP request. The service is the server's (`make_server`); responses stream with chunked transfer."""
+# --- HTTP (FastAPI on uvicorn) --------------------------------------------------------------------------------
+class TurnModel(BaseModel):
+    """An earlier turn of the conversation."""
 
-    protocol_version = "HTTP/1.1"
-    server_version = "csm"
-    timeout = 120  # seconds a socket may stall (a client that never sends its body) before its thread gives up
-    server: "SpeechServer"
+    model_config = ConfigDict(extra="forbid")
+    text: StrictStr = Field(description="what was said")
+    speaker: StrictInt | None = Field(None, description="the speaker id (or give 'voice')")
+    voice: StrictStr | StrictInt | None = Field(None, description="a voice name instead of 'speaker'")
+    audio: StrictStr | None = Field(None, description="base64 bytes of an audio file (wav, flac, ogg, mp3)")
+    codes: list[list[StrictInt]] | None = Field(None, description="or its codec codes: K lists of frame codes")
 
-    def do_GET(self) -> None:
-        svc = self.server.service
-        if self.path == "/health":
-            return self._json(200, {"status": "ok", **svc.batcher.stats()})
-        if not self._authorized():
-            return
-        if self.path == "/v1/models":
-            return self._json(200, {"object": "list", "data": [
-                {"id": svc.model_name, "object": "model", "created": 0, "owned_by": "csm"}]})
-        if self.path == "/v1/audio/voices":
-            return self._json(200, {"voices": [_voice_json(name, v) for name, v in list(svc.voices.items())]})
-        if self.path == "/v1/audio/speech":
-            return self._error(ApiError(405, "use POST for /v1/audio/speech"))
-        self._error(ApiError(404, f"no such endpoint: GET {self.path}"))
 
-    def do_POST(self) -> None:
-        if not self._authorized():
-            return
-        if self.path == "/v1/audio/voices":
-            try:
-                name, voice = self.server.service.add_voice(self._body())
-            except ApiError as e:
-                return self._error(e)
-            return self._json(201, _voice_json(name, voice))
-        if self.path != "/v1/audio/speech":
-            return self._error(ApiError(404, f"no such endpoint: POST {self.path}"))
+class VoiceRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: StrictStr
+
+
+class SpeechRequest(BaseModel):
+    """OpenAI's speech request, plus conversation context and sampling controls."""
+
+    model_config = ConfigDict(extra="forbid")
+    input: StrictStr = Field(description=f"the text to speak (at most {MAX_INPUT_CHARS} characters)")
+    model: StrictStr | None = Field(None, description="ignored: the server speaks with its one model")
+    voice: StrictStr | StrictInt | VoiceRef | None = Field(None, description="a voice name or speaker id")
+    response_format: StrictStr = Field("mp3", description=f"one of {', '.join(STREAM_FORMATS)}")
+    speed: StrictFloat | StrictInt = Field(1.0, description=f"{SPEED_RANGE[0]}-{SPEED_RANGE[1]}, pitch kept")
+    stream_format: StrictStr = Field("audio", description="audio (the file's bytes) or sse (server-sent events)")
+    instructions: StrictStr | None = Field(None, description="not supported: give earlier turns as context")
+    context: list[TurnModel] | None = Field(None, description="earlier turns, oldest first")
+    conversation: StrictStr | None = Field(None, description="an id: the server remembers the turns spoken under it")
+    seed: StrictInt | None = None
+    temperature: StrictFloat | StrictInt | None = None
+    topk: StrictInt | None = None
+    max_audio_length_ms: StrictFloat | StrictInt | None = Field(None, description="budget per sentence (ms)")
+
+
+class VoiceRequest(BaseModel):
+    """A named voice: a prompt turn (text + audio or codes) that fixes how it sounds."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: StrictStr
+    speaker: StrictInt = 0
+    text: StrictStr | None = None
+    audio: StrictStr | None = None
+    codes: list[list[StrictInt]] | None = None
+    description: StrictStr = ""
+
+
+def create_app(service: SpeechService, *, api_key: str | None = None, max_waiting: int | None = None,
+               quiet: bool = False) -> FastAPI:
+    """The HTTP face of `service`: OpenAI's routes, /health, the playground at / and OpenAPI docs at /docs.
+
+    Admission: at most `slots + max_waiting` speech requests are taken at once (default max_waiting: 2 x slots);
+    past that a request gets 429 with Retry-After at once, without touching a thread or the model."""
+    import anyio.to_thread
+    from fastapi import Depends
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+    from starlette.exceptions import HTTPException
+
+    slots = service.batcher.slots
+    capacity = slots + (2 * slots if max_waiting is None else max_waiting)
+    admitted = {"speech": 0}
+    log = logging.getLogger("csm.serve")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        # Every admitted stream may block a worker thread while it waits for frames: room for all, plus the rest.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = max(40, capacity + 16)
+        yield
+
+    app = FastAPI(title="csm", version=_version(), lifespan=lifespan,
+                  description="Conversational speech: OpenAI's /v1/audio/speech with conversation context.")
+
+    def authorized(request: Request) -> None:
+        if api_key is not None and not hmac.compare_digest(request.headers.get("authorization", "").encode(),
+                                                           f"Bearer {api_key}".encode()):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'")
+
+    guarded = [Depends(authorized)]
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        headers = {"Retry-After": str(e.retry_after)} if e.retry_after else None
+        return JSONResponse(e.body(), e.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        return await api_error(request, _validation_error(e.errors()))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        message = {404: f"no such endpoint: {request.method} {request.url.path}",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
+        return await api_error(request, ApiError(e.status_code, message))
+
+    @app.middleware("http")
+    async def bounded_body(request: Request, call_next):
+        """Refuse a body over the limit from its Content-Length, before reading it."""
+        if request.method in ("POST", "PUT", "PATCH"):
+            length = request.headers.get("content-length")
+            if length is None and "chunked" in request.headers.get("transfer-encoding", ""):
+                return await api_error(request, ApiError(411, "a Content-Length header is required"))
+            if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+                return await api_error(request, ApiError(413 if length.isdigit() else 400, (
+                    f"the request body is {length} bytes, over the limit of {MAX_BODY_BYTES}" if length.isdigit()
+                    else f"bad Content-Length {length!r}")))
+        return await call_next(request)
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        return HTMLResponse((Path(__file__).parent / "playground.html").read_text(encoding="utf-8"))
+
+    @app.get("/health")
+    async def health() -> dict:
+        """Liveness and load: slots busy, requests waiting for a slot, speech requests admitted, capacity."""
+        return {"status": "ok", **service.batcher.stats(), "admitted": admitted["speech"], "capacity": capacity}
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0,
+                                            "owned_by": "csm"}]}
+
+    @app.get("/v1/audio/voices", dependencies=guarded)
+    async def voices() -> dict:
+        return {"voices": [_voice_json(name, v) for name, v in list(service.voices.items())]}
+
+    @app.post("/v1/audio/voices", dependencies=guarded, status_code=201, openapi_extra=_schema(VoiceRequest))
+    async def add_voice(request: Request) -> dict:
+        body = await _parsed(request, VoiceRequest)
+        name, voice = await run_in_threadpool(service.add_voice, body)
+        return _voice_json(name, voice)
+
+    @app.delete("/v1/audio/voices/{name}", dependencies=guarded)
+    async def remove_voice(name: str) -> dict:
+        service.remove_voice(name)
+        return {"deleted": True}
+
+    @app.post("/v1/audio/speech", dependencies=guarded, openapi_extra=_schema(SpeechRequest),
+              responses={200: {"content": {STREAM_FORMATS[f][2]: {} for f in STREAM_FORMATS}}})
+    async def speech(request: Request):
+        """Speak `input` (sentence by sentence, each in the context of the last) as a streamed audio file."""
+        if admitted["speech"] >= capacity:
+            raise ApiError(429, f"the server is busy: {admitted['speech']} requests are being served or waiting "
+                                f"(the limit is {capacity}); try again shortly", kind="server_busy", retry_after=2)
+        admitted["speech"] += 1
+        release = True
         try:
-            job = self.server.service.parse(self._body())
-            audio = self.server.service.speak(job)
-        except ApiError as e:
-            return self._error(e)
-        except Exception as e:  # a bug or the device failing: this request fails, the server stays up
-            self.log_error("speech request failed: %r", e)
-            return self._error(ApiError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error"))
-        self._stream(job, audio)
-
-    def do_DELETE(self) -> None:
-        if not self._authorized():
-            return
-        prefix = "/v1/audio/voices/"
-        if not self.path.startswith(prefix):
-            return self._error(ApiError(404, f"no such endpoint: DELETE {self.path}"))
-        try:
-            self.server.service.remove_voice(urllib.parse.unquote(self.path[len(prefix):]))
-        except ApiError as e:
-            return self._error(e)
-        self._json(200, {"deleted": True})
-
-    def _authorized(self) -> bool:
-        """With `--api-key`, every endpoint but /health wants `Authorization: Bearer KEY` (as OpenAI's clients
-        send their api_key); a wrong or missing key gets a 401."""
-        key = self.server.api_key
-        if key is None:
-            return True
-        given = self.headers.get("Authorization", "")
-        if hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-            return True
-        self.close_connection = True  # any body stays unread
-        self._error(ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                             kind="invalid_request_error"))
-        return False
-
-    def _body(self) -> object:
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            raise ApiError(411, "a Content-Length header is required") from None
-        if length > MAX_BODY_BYTES:
-            self.close_connection = True  # the unread body would be taken for the next request
-            raise ApiError(413, f"the request body is {length} bytes, over the limit of {MAX_BODY_BYTES}")
-        raw = self.rfile.read(length)
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON ({e})") from None
-
-    def _stream(self, job: SpeechJob, audio: Iterator[bytes]) -> None:
-        t0, sent = time.perf_counter(), 0
-        try:  # from the headers on: a client gone before them must also free its slot and conversation
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream" if job.sse else STREAM_FORMATS[job.fmt][2])
-            unknown = self.server.service.gen.unknown_words(job.text)
+            job = await run_in_threadpool(service.parse, await _parsed(request, SpeechRequest))
+            audio = await run_in_threadpool(service.speak, job)
+            headers = {"Cache-Control": "no-cache"}
+            unknown = service.gen.unknown_words(job.text)
             if unknown:  # a small voice mumbles words it never heard: say which (ASCII, as headers must be)
-                self.send_header("X-CSM-Unknown-Words", ",".join(unknown).encode("ascii", "replace").decode())
-            self.send_header("Transfer-Encoding", "chunked")
-            self.send_header("Cache-Control", "no-cache")
-            self.end_headers()
-            for data in audio:
+                headers["X-CSM-Unknown-Words"] = ",".join(unknown).encode("ascii", "replace").decode()
+            release = False
+            return StreamingResponse(_streamed(job, audio), headers=headers,
+                                     media_type="text/event-stream" if job.sse else STREAM_FORMATS[job.fmt][2])
+        except (ApiError, RequestValidationError):
+            raise
+        except Exception as e:  # a bug or the device failing: this request fails, the server stays up
+            log.exception("speech request failed")
+            raise ApiError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error") from None
+        finally:
+            if release:
+                admitted["speech"] -= 1
+
+    async def _streamed(job: SpeechJob, audio: Iterator[bytes]):
+        t0, sent = time.perf_counter(), 0
+        try:
+            async for data in iterate_in_threadpool(audio):
                 if data:
                     sent += len(data)
-                    self._chunk(_sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
-                                if job.sse else data)
+                    yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}) \
+                        if job.sse else data
             if job.sse:
-                self._chunk(_sse({"type": "speech.audio.done", "usage": {"input_tokens": len(job.text),
-                                                                         "output_tokens": sent,
-                                                                         "total_tokens": len(job.text) + sent}}))
-            self.wfile.write(b"0\r\n\r\n")
-        except (BrokenPipeError, ConnectionResetError):  # the client hung up: stop generating for it
-            self.close_connection = True
-        except Exception as e:  # mid-stream the status is sent: end the response without its last chunk
-            self.log_error("speech stream failed: %r", e)
-            self.close_connection = True
-        finally:
-            audio.close()
-        self.log_message("spoke %d chars as %s in %.2f s", len(job.text), job.fmt, time.perf_counter() - t0)
+                yield _sse({"type": "speech.audio.done", "usage": {
+                    "input_tokens": len(job.text), "output_tokens": sent, "total_tokens": len(job.text) + sent}})
+            if not quiet:
+                log.info("spoke %d chars as %s in %.2f s", len(job.text), job.fmt, time.perf_counter() - t0)
+        finally:  # also when the client hung up: the batcher's job is cancelled, the conversation freed
+            admitted["speech"] -= 1
+            await run_in_threadpool(audio.close)
 
-    def _chunk(self, data: bytes) -> None:
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-        self.wfile.flush()
+    return app
 
-    def _json(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
-    def _error(self, e: ApiError) -> None:
-        self._json(e.status, e.body())
+async def _parsed(request: Request, model: type[BaseModel]) -> dict:
+    """The JSON body checked against `model` (whatever Content-Type the client sent: curl -d says form data), as
+    the dict of the fields it set."""
+    from pydantic import ValidationError
 
-    def log_message(self, format: str, *args) -> None:
-        if not self.server.quiet:
-            super().log_message(format, *args)
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        return model.model_validate(data).model_dump(exclude_unset=True)
+    except ValidationError as e:
+        raise _validation_error(e.errors()) from None
+
+
+def _schema(model: type[BaseModel]) -> dict:
+    """OpenAPI request body of a route that reads its JSON itself (`_parsed`), nested models inlined."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
+def _validation_error(errors) -> ApiError:
+    """Pydantic's first complaint as OpenAI's error body: `param` is the top-level field."""
+    e = errors[0]
+    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    kind = e.get("type", "")
+    if kind == "json_invalid":
+        return ApiError(400, f"the request body is not valid JSON ({e.get('ctx', {}).get('error', e['msg'])})")
+    if not loc or (kind in ("model_attributes_type", "dict_type") and len(loc) == 0):
+        return ApiError(400, "the request body must be a JSON object")
+    if kind == "extra_forbidden":
+        return ApiError(400, f"unknown field(s) [{loc[-1]!r}]", loc[0])
+    if kind == "missing" and loc == ["input"]:
+        return ApiError(400, "'input' must be a non-empty string: the text to speak", "input")
+    return ApiError(400, f"{'.'.join(loc)}: {e['msg']} (got {e.get('input')!r:.80})", loc[0])
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("csm")
+    except PackageNotFoundError:
+        return "0"
 
 
 def _voice_json(name: str, voice: Voice) -> dict:
@@ -524,24 +662,53 @@ def _sse(event: dict) -> bytes:
     return b"data: " + json.dumps(event).encode() + b"\n\n"
 
 
-class SpeechServer(ThreadingHTTPServer):
-    daemon_threads = True
+class SpeechServer:
+    """uvicorn serving `create_app` on a socket bound at construction (port 0: any free port, see
+    `server_address`). `serve_forever()` runs it in the calling thread; `shutdown()` stops it gracefully (streams
+    in flight get `grace` seconds) from another."""
 
-    def __init__(self, address: tuple[str, int], service: SpeechService, quiet: bool = False,
-                 api_key: str | None = None) -> None:
-        super().__init__(address, Handler)
-        self.service, self.quiet, self.api_key = service, quiet, api_key
+    def __init__(self, app: FastAPI, service: SpeechService, host: str, port: int, quiet: bool = False,
+                 grace: float = 5.0) -> None:
+        import socket
+
+        import uvicorn
+
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((host, port))
+        self.socket.listen(1024)  # connections queue from here on, before uvicorn starts accepting them
+        self.server_address = self.socket.getsockname()
+        self.service, self.app = service, app
+        config = uvicorn.Config(app, log_level="warning" if quiet else "info", timeout_graceful_shutdown=grace,
+                                access_log=not quiet, timeout_keep_alive=30)
+        self.server = uvicorn.Server(config)
+        self._done = threading.Event()
+
+    def serve_forever(self) -> None:
+        try:
+            self.server.run(sockets=[self.socket])
+        finally:
+            self._done.set()
+
+    def shutdown(self, timeout: float = 30) -> None:
+        self.server.should_exit = True
+        self._done.wait(timeout)
+
+    def server_close(self) -> None:
+        self.socket.close()
 
 
 def make_server(gen: Generator, host: str = "127.0.0.1", port: int = 8000, *, slots: int = 8,
-                voices: dict[str, Voice] | None = None, model_name: str = "csm", chunk_frames: int = 4,
-                quiet: bool = False, api_key: str | None = None) -> SpeechServer:
-    """A ready server (port 0: any free port; `server.server_address` says which) with its batcher started and
-    warmed up.
-    `serve_forever()` runs it; `shutdown()` then `server.service.batcher.close()` stop it."""
-    batcher = Batcher(gen, slots=slots).start()
+                max_waiting: int | None = None, voices: dict[str, Voice] | None = None, model_name: str = "csm",
+                chunk_frames: int = 4, quiet: bool = False, api_key: str | None = None) -> SpeechServer:
+    """A ready server with its batcher started and warmed up. `serve_forever()` runs it; `shutdown()` then
+    `server.service.batcher.close()` stop it."""
+    waiting = 2 * slots if max_waiting is None else max_waiting
+    batcher = Batcher(gen, slots=slots, max_waiting=waiting).start()
     service = SpeechService(gen, batcher, voices=voices, model_name=model_name, chunk_frames=chunk_frames)
-    server = SpeechServer((host, port), service, quiet=quiet, api_key=api_key)
+    server = SpeechServer(create_app(service, api_key=api_key, max_waiting=waiting, quiet=quiet), service, host,
+                          port, quiet=quiet)
     # Warm up before the first client: a compiled step compiles and a CUDA graph is captured here, not in a request.
     for _ in batcher.frames(gen.request("Hello.", max_audio_length_ms=3 * FRAME_MS, seed=0)):
         pass
