@@ -681,7 +681,7 @@ class SpeechServer:
         self.server_address = self.socket.getsockname()
         self.service, self.app = service, app
         config = uvicorn.Config(app, log_level="warning" if quiet else "info", timeout_graceful_shutdown=grace,
-                                access_log=not quiet, timeout_keep_alive=30)
+                                access_log=not quiet, timeout_keep_alive=30, http=_protocol())
         self.server = uvicorn.Server(config)
         self._done = threading.Event()
 
@@ -699,13 +699,33 @@ class SpeechServer:
         self.socket.close()
 
 
+def _protocol():
+    """uvicorn's h11 protocol, answering a request it cannot parse (Content-Length: -1, ...) with OpenAI's error
+    body instead of plain text: such requests never reach the app."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps(ApiError(400, f"malformed HTTP request: {msg}").body()).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+    return Protocol
+
+
 def make_server(gen: Generator, host: str = "127.0.0.1", port: int = 8000, *, slots: int = 8,
                 max_waiting: int | None = None, voices: dict[str, Voice] | None = None, model_name: str = "csm",
                 chunk_frames: int = 4, quiet: bool = False, api_key: str | None = None) -> SpeechServer:
     """A ready server with its batcher started and warmed up. `serve_forever()` runs it; `shutdown()` then
     `server.service.batcher.close()` stop it."""
     waiting = 2 * slots if max_waiting is None else max_waiting
-    batcher = Batcher(gen, slots=slots, max_waiting=waiting).start()
+    # Admission counts speech requests; the batcher counts draws (best_of of them per sentence).
+    batcher = Batcher(gen, slots=slots, max_waiting=(slots + waiting) * gen._best_of()).start()
     service = SpeechService(gen, batcher, voices=voices, model_name=model_name, chunk_frames=chunk_frames)
     server = SpeechServer(create_app(service, api_key=api_key, max_waiting=waiting, quiet=quiet), service, host,
                           port, quiet=quiet)
