@@ -728,3 +728,22 @@ def test_training_can_be_watched(prepared, micro_config, tmp_path):
     except ImportError:
         return
     assert "eval/listen_wer" in tags["scalars"] and all("listen_wer" in r for r in records if "eval_loss" in r)
+
+
+def test_lora_targets_choose_the_adapted_linears(prepared, tmp_path):
+    from csm.train.lora import parse_targets
+
+    assert parse_targets("attn") == (("backbone", "decoder"), ("attn.wq", "attn.wk", "attn.wv", "attn.wo"))
+    assert parse_targets("decoder:mlp.w2,attn.wv") == (("decoder",), ("mlp.w2", "attn.wv"))
+    with pytest.raises(ValueError, match="bad LoRA targets"):
+        parse_targets("encoder:attn")
+    torch.manual_seed(0)
+    save_checkpoint(CSM(MICRO), tmp_path / "base")
+    train(_cfg(prepared, tmp_path / "lora", init=str(tmp_path / "base"), lora_rank=2, steps=2,
+               lora_targets="decoder:attn"))
+    from safetensors.torch import load_file
+
+    adapters = load_file(str(tmp_path / "lora" / "step-000002" / "adapters.safetensors"))
+    assert adapters and all(k.startswith("decoder.") and ".attn.w" in k for k in adapters)
+    meta = json.loads((tmp_path / "lora" / "step-000002" / "lora.json").read_text())
+    assert meta["stacks"] == ["decoder"] and meta["targets"] == ["attn.wq", "attn.wk", "attn.wv", "attn.wo"]

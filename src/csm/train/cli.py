@@ -42,6 +42,8 @@ HELP = {
     "grad_checkpointing": "recompute activations in the backward pass (less memory, ~30%% slower)",
     "lora_rank": "LoRA fine-tuning with adapters of this rank (0: full fine-tuning)",
     "lora_train_heads": "with LoRA, also train the codebook-0 and decoder output heads",
+    "lora_targets": "which linears get LoRA adapters: attn, mlp, all, or names (attn.wq, mlp.w2, ...), optionally "
+                    "after 'backbone:' or 'decoder:' to adapt one stack only",
     "device": "cpu / cuda (default: cuda if available; under torchrun cuda:LOCAL_RANK)",
     "fsdp": "under torchrun: shard the model with FSDP instead of replicating it with DDP",
     "progress": "show a progress bar",

@@ -15,6 +15,23 @@ import torch.nn.functional as F
 
 TARGETS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w1", "mlp.w2", "mlp.w3")
 HEADS = ("codebook0_head.weight", "audio_head")
+STACKS = ("backbone", "decoder")
+_GROUPS = {"attn": TARGETS[:4], "mlp": TARGETS[4:], "all": TARGETS}
+
+
+def parse_targets(spec: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """"all" / "attn,mlp" / "decoder:all" / "backbone:attn.wq,attn.wv" -> (stacks, linears) to adapt. A stack
+    prefix limits the adapters to the backbone or the decoder (default: both)."""
+    stacks, _, names = spec.rpartition(":")
+    stacks = tuple(s for s in stacks.split("+") if s) or STACKS
+    linears: list[str] = []
+    for name in (n.strip() for n in names.split(",") if n.strip()):
+        linears += _GROUPS.get(name, (name,))
+    bad = [s for s in stacks if s not in STACKS] + [t for t in linears if t not in TARGETS]
+    if bad or not linears:
+        raise ValueError(f"bad LoRA targets {spec!r}: use [backbone|decoder|backbone+decoder:]attn,mlp,all or "
+                         f"linears among {', '.join(TARGETS)}")
+    return stacks, tuple(dict.fromkeys(linears))
 
 
 class LoRALinear(nn.Linear):
@@ -33,17 +50,20 @@ class LoRALinear(nn.Linear):
         return F.linear(x, self.weight, self.bias) + F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scale
 
 
-def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0, train_heads: bool = False) -> int:
-    """Wrap the attention/MLP linears of backbone and decoder in place and freeze everything but the adapters
-    (and the output heads if `train_heads`). Returns the number of trainable parameters."""
+def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0, train_heads: bool = False,
+               targets: str = "all") -> int:
+    """Wrap the `targets` linears (see parse_targets; default: every attention and MLP linear of backbone and
+    decoder) in place and freeze everything but the adapters (and the output heads if `train_heads`). Returns the
+    number of trainable parameters."""
     if rank <= 0:
         raise ValueError(f"LoRA rank must be positive, got {rank}")
-    for stack in (model.backbone, model.decoder):
+    stacks, linears = parse_targets(targets)
+    for stack in (getattr(model, name) for name in stacks):
         for block in stack.layers:
             if block.attn.fused or block.mlp.fused:
                 raise ValueError("this model's projections were fused for inference (a Generator does that); "
                                  "apply LoRA to a freshly loaded model")
-            for target in TARGETS:
+            for target in linears:
                 parent_name, name = target.split(".")
                 parent = getattr(block, parent_name)
                 setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout))

@@ -77,6 +77,7 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_train_heads: bool = False
+    lora_targets: str = "all"  # which linears get adapters (lora.parse_targets), e.g. "attn" or "decoder:all"
     # Runtime
     device: str | None = None  # default: cuda if available
     fsdp: bool = False  # under torchrun: shard parameters/gradients/optimizer (FSDP2) instead of replicating (DDP)
@@ -246,7 +247,8 @@ def save_training_checkpoint(
         adapters = {k: v for k, v in sd.items() if k in trainable}
         save_state_dict(model_cfg, lora_lib.merge_state_dict(sd, cfg.lora_alpha / cfg.lora_rank), tmp)
         save_file({k: v.contiguous().cpu() for k, v in adapters.items()}, str(tmp / ADAPTERS_FILE))
-        lora_meta = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": list(lora_lib.TARGETS),
+        stacks, linears = lora_lib.parse_targets(cfg.lora_targets)
+        lora_meta = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "stacks": list(stacks), "targets": list(linears),
                      "train_heads": cfg.lora_train_heads, "base": cfg.init or cfg.preset or cfg.model_config}
         (tmp / LORA_FILE).write_text(json.dumps(lora_meta, indent=2) + "\n")
     else:
@@ -400,7 +402,8 @@ def train(cfg: TrainConfig) -> list[dict]:
 
     if cfg.lora_rank:
         torch.manual_seed(cfg.seed)  # same adapter init on every rank and every resume
-        n_train = lora_lib.apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_train_heads)
+        n_train = lora_lib.apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_train_heads,
+                                      cfg.lora_targets)
         if resume_dir:
             from safetensors.torch import load_file
 
