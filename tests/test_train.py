@@ -730,6 +730,19 @@ def test_training_can_be_watched(prepared, micro_config, tmp_path):
     assert "eval/listen_wer" in tags["scalars"] and all("listen_wer" in r for r in records if "eval_loss" in r)
 
 
+def test_a_run_ends_with_its_curves_as_a_png(prepared, micro_config, tmp_path):
+    pytest.importorskip("matplotlib")
+    from csm.cli import main
+
+    train(_cfg(prepared, tmp_path / "p", model_config=micro_config, steps=3, eval_fraction=0.3, eval_every=1,
+               progress=False))
+    png = tmp_path / "p" / "loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png.unlink()
+    assert main(["plot", str(tmp_path / "p"), "-o", str(tmp_path / "curves.png")]) == 0
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
 def test_lora_targets_choose_the_adapted_linears(prepared, tmp_path):
     from csm.train.lora import parse_targets
 

@@ -84,6 +84,11 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_prepare)
 
+    g = subparsers.add_parser("plot", help="draw a training run's curves (log.jsonl) as a PNG")
+    g.add_argument("run", help="a csm train / csm train-codec output folder (or its log.jsonl)")
+    g.add_argument("-o", "--out", default=None, help="the PNG (default: RUN/loss.png)")
+    g.set_defaults(func=_plot)
+
     t = subparsers.add_parser("train", help="train or fine-tune (full or LoRA) on prepared data; torchrun for multi-GPU")
     add_config_flags(t, TrainConfig, HELP)
     t.set_defaults(func=_train)
@@ -157,6 +162,13 @@ def _prepare(args: argparse.Namespace) -> int:
     print(f"{out}: {report.encoded} utterances encoded, {report.already_done} already done, "
           f"{len(report.bad)} bad file(s) skipped" + (f" (listed in {out / 'errors.jsonl'})" if report.bad else ""),
           file=sys.stderr)
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .watch import plot_run
+
+    print(plot_run(args.run, args.out))
     return 0
 
 

@@ -1,6 +1,7 @@
-"""What a person sees of a training run: a progress bar, and TensorBoard events beside log.jsonl.
+"""What a person sees of a training run: a progress bar, TensorBoard events beside log.jsonl, and its curves.
 
     tensorboard --logdir runs/            # every run's out/tb: losses, learning rate, held-out loss, audio
+    csm plot runs/NAME                    # runs/NAME/loss.png (also drawn when a run ends)
 
 Both trainers (`csm train`, `csm train-codec`) log through one `Watch`. TensorBoard is optional (`pip install
 tensorboard`, in the `train` extra): without it the run says so once and keeps its log.jsonl.
@@ -18,6 +19,7 @@ class Watch:
     def __init__(self, out: Path, total: int, initial: int, desc: str, progress: bool = True,
                  tensorboard: bool = True, enabled: bool = True) -> None:
         self.bar = self.writer = None
+        self.out = Path(out) if enabled else None
         if not enabled:  # other ranks of a distributed run
             return
         if progress:
@@ -62,7 +64,59 @@ class Watch:
             print(msg, file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        """End of the run: the bar and events closed, and its curves drawn into OUT/loss.png (with matplotlib)."""
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+        if self.out is not None and (self.out / "log.jsonl").is_file():
+            try:
+                plot_run(self.out)
+            except ImportError:
+                pass
+
+
+# Curves drawn from log.jsonl, by trainer: (title, keys) per panel.
+_PANELS = [("loss", ("loss", "eval_loss", "mel_loss", "val_mel_l1", "val_gta_mel_l1")),
+           ("parts", ("c0_loss", "decoder_loss", "eval_c0_loss", "eval_decoder_loss", "commit")),
+           ("heard", ("listen_wer",)), ("learning rate", ("lr",))]
+
+
+def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
+    """log.jsonl of a `csm train` / `csm train-codec` run -> a PNG of its curves (default RUN/loss.png).
+    Needs matplotlib (the `train` extra)."""
+    import json
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("plotting needs matplotlib: pip install matplotlib (or csm[train])") from e
+    run = Path(run)
+    log = run / "log.jsonl" if run.is_dir() else run
+    if not log.is_file():
+        raise FileNotFoundError(f"{log}: no log.jsonl (a csm train / csm train-codec output folder?)")
+    records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    panels = [(title, [k for k in keys if any(k in r for r in records)]) for title, keys in _PANELS]
+    panels = [(title, keys) for title, keys in panels if keys]
+    if not panels:
+        raise ValueError(f"{log}: nothing to plot")
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), sharex=True, squeeze=False)
+    for ax, (title, keys) in zip(axes[:, 0], panels):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in records if key in r and isinstance(r[key], (int, float))]
+            ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, ms=3, label=key)
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        if title == "learning rate":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle(str(run), fontsize=9)
+    fig.tight_layout()
+    out = Path(out) if out else (run if run.is_dir() else run.parent) / "loss.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
