@@ -752,8 +752,13 @@ def test_lora_targets_choose_the_adapted_linears(prepared, tmp_path):
         parse_targets("encoder:attn")
     torch.manual_seed(0)
     save_checkpoint(CSM(MICRO), tmp_path / "base")
+    (tmp_path / "base" / "generation.json").write_text('{"speaker": 1}')  # a voice's defaults and codec travel
+    (tmp_path / "base" / "codec").mkdir()
+    (tmp_path / "base" / "codec" / "config.json").write_text("{}")
     train(_cfg(prepared, tmp_path / "lora", init=str(tmp_path / "base"), lora_rank=2, steps=2,
                lora_targets="decoder:attn"))
+    step = tmp_path / "lora" / "step-000002"
+    assert (step / "generation.json").read_text() == '{"speaker": 1}' and (step / "codec" / "config.json").is_file()
     from safetensors.torch import load_file
 
     adapters = load_file(str(tmp_path / "lora" / "step-000002" / "adapters.safetensors"))

@@ -254,6 +254,7 @@ def save_training_checkpoint(
     else:
         save_state_dict(model_cfg, sd, tmp)
     shutil.copy(tokenizer_file, tmp / TOKENIZER)
+    _carry_model_files(cfg.init, tmp)
     torch.save({**state, "world_size": d.world, "optimizer": opt_state, "config": dataclasses.asdict(cfg)},
                tmp / STATE_FILE)
     shutil.rmtree(final, ignore_errors=True)
@@ -262,6 +263,30 @@ def save_training_checkpoint(
         for old in checkpoint_dirs(Path(cfg.out))[: -cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+# What makes a model directory speak beside its weights: a fine-tune of it speaks the same way (`csm say --model
+# runs/ft/step-N` finds its codec and defaults). Files are hard-linked where the file system allows.
+CARRIED = ("generation.json", "codec", "judge.json", "judge.safetensors")
+
+
+def _carry_model_files(init: str | None, out: Path) -> None:
+    src = Path(init) if init else None
+    if src is None or not src.is_dir():
+        return
+    for name in CARRIED:
+        path = src / name
+        if path.is_dir():
+            shutil.copytree(path, out / name, copy_function=_link_or_copy, dirs_exist_ok=True)
+        elif path.is_file():
+            _link_or_copy(path, out / name)
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
