@@ -130,3 +130,38 @@ def test_hub_id_offline_gives_clear_error(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ModelFilesNotFound, match=r"hub repo 'sesame/csm-1b'.*pass the directory"):
         load_checkpoint("sesame/csm-1b")
+
+
+def test_int8_storage_round_trips_closely(tmp_path):
+    """save_state_dict(int8=True) / save_mimi(int8=True): the big matrices as int8 rows with a scale each, about a
+    quarter of float32's bytes; every loader unpacks them, and the model computes nearly what it did."""
+    import torch
+
+    from csm.checkpoints import load_checkpoint, pack_int8, save_checkpoint, unpack_int8
+    from csm.config import get_config
+    from csm.mimi import Mimi, load_mimi, preset, save_mimi
+    from csm.model import CSM
+
+    w = torch.randn(64, 300)
+    back = unpack_int8(pack_int8({"w": w, "small": torch.randn(3, 4)}))
+    assert back["w"].dtype == torch.float32 and (back["w"] - w).abs().max() <= w.abs().amax(1).max() / 254 + 1e-6
+    torch.manual_seed(0)
+    model = CSM(get_config("tiny")).eval()
+    save_checkpoint(model, tmp_path / "f32")
+    save_checkpoint(model, tmp_path / "i8", int8=True)
+    size = lambda d: (d / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(tmp_path / "i8") < 0.3 * size(tmp_path / "f32")
+    loaded, _ = load_checkpoint(tmp_path / "i8")
+    tokens = torch.randint(0, 300, (1, 5, 33))
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    pos = torch.arange(5)[None]
+    with torch.no_grad():
+        _, a = model.backbone_forward(tokens, mask, pos)
+        _, b = loaded.backbone_forward(tokens, mask, pos)
+    assert (a - b).abs().max() < 0.05 * a.abs().max() and not torch.equal(a, b)
+    codec = Mimi(preset("tiny-mel")).eval()
+    save_mimi(codec, tmp_path / "codec", int8=True)
+    again = load_mimi(tmp_path / "codec")
+    assert torch.equal(again.encoder.mel.fb, codec.encoder.mel.fb)  # buffers keep their precision
+    wav = 0.1 * torch.randn(3 * 1920)
+    assert (again.decode(codec.encode(wav)) - codec.decode(codec.encode(wav))).abs().max() < 0.05

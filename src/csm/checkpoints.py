@@ -294,6 +294,42 @@ def _infer_config(sd: dict[str, torch.Tensor], layout: str) -> CSMConfig:
 
 # --- files ----------------------------------------------------------------------------------------------------
 
+INT8_SCALE = ".int8_scale"  # beside a weight stored as int8 rows: its float32 scale per row
+
+
+def pack_int8(sd: dict[str, torch.Tensor], min_numel: int = 4096) -> dict[str, torch.Tensor]:
+    """Storage for a small shipped model: every floating tensor of 2+ dims and at least `min_numel` elements as int8
+    with a symmetric scale per row (`_int8_rows`), under `key` and `key + INT8_SCALE`; the rest unchanged. A quarter of
+    float32's bytes; `unpack_int8` (which every loader runs) gives float32 back."""
+    out = {}
+    for key, w in sd.items():
+        if not w.is_floating_point() or w.dim() < 2 or w.numel() < min_numel:
+            out[key] = w
+            continue
+        rows = _int8_rows(w.detach().float())
+        scale = rows.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        out[key] = (rows / scale[:, None]).round().clamp(-127, 127).to(torch.int8).reshape(w.shape)
+        out[key + INT8_SCALE] = scale
+    return out
+
+
+def unpack_int8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of `pack_int8`: int8 rows times their scale, as float32; a state dict without int8 passes as is."""
+    if not any(k.endswith(INT8_SCALE) for k in sd):
+        return sd
+    out = {k: v for k, v in sd.items() if not k.endswith(INT8_SCALE)}
+    for key in (k[: -len(INT8_SCALE)] for k in sd if k.endswith(INT8_SCALE)):
+        w, scale = sd[key], sd[key + INT8_SCALE].float()
+        out[key] = (_int8_rows(w.float()) * scale[:, None]).reshape(w.shape)
+    return out
+
+
+def _int8_rows(w: torch.Tensor) -> torch.Tensor:
+    """The rows that share a scale: a matrix's (or the codebook heads') last dimension when it is long, else all
+    of a convolution's output channel."""
+    return w.reshape(-1, w.shape[-1]) if w.shape[-1] >= 64 else w.reshape(w.shape[0], -1)
+
+
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read tensors from .safetensors (or a sharded index) or a tensors-only torch file."""
@@ -307,7 +343,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        return unpack_int8(load_file(str(path)))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -397,12 +433,13 @@ def save_state_dict(
     dtype: torch.dtype | None = None,
     extra_tensors: dict[str, torch.Tensor] | None = None,
     extra_config: dict | None = None,
+    int8: bool = False,
 ) -> Path:
     """Write weights in our key names (e.g. merged LoRA or gathered FSDP weights) as `model.safetensors` +
     `config.json` in `layout` into `directory` (created). Returns the directory.
 
     extra_tensors / extra_config are merged in verbatim (e.g. `codec_model.*` weights and `codec_config` for a
-    transformers checkpoint that carries its codec).
+    transformers checkpoint that carries its codec). `int8` stores the big matrices as int8 rows (`pack_int8`).
     """
     from safetensors.torch import save_file
 
@@ -413,6 +450,8 @@ def save_state_dict(
     out.update(extra_tensors or {})
     # safetensors refuses aliased tensors: give every entry its own contiguous storage.
     out = {k: v.to(dtype or v.dtype).contiguous().clone().cpu() for k, v in out.items()}
+    if int8:  # the big matrices as int8 rows (pack_int8), the rest in `dtype`
+        out = {k: v.contiguous() for k, v in pack_int8(out).items()}
     save_file(out, str(directory / "model.safetensors"), metadata={"format": "pt", "layout": layout})
     meta = config_to_json(cfg, layout)
     meta.update(extra_config or {})

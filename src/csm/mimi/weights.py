@@ -205,8 +205,10 @@ def read_state_dict(path: str | os.PathLike, fetch: Callable[[str], Path] | None
     if path.suffix in (".safetensors", ".sft"):
         from safetensors import safe_open
 
+        from ..checkpoints import unpack_int8
+
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in _codec_keys(list(f.keys()))}
+            return unpack_int8({k: f.get_tensor(k) for k in _codec_keys(list(f.keys()))})
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # moshi training checkpoints: {"model": sd}
         obj = obj["model"]
@@ -277,15 +279,23 @@ def load_mimi(
     return model.to(dtype=dtype).eval()
 
 
-def save_mimi(model: Mimi, directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
+def save_mimi(model: Mimi, directory: str | os.PathLike, *, dtype: torch.dtype | None = None,
+              int8: bool = False) -> Path:
     """Write `model.safetensors` (our names) + a transformers-style `config.json`; `load_mimi(directory)` reads it.
-    `dtype` stores floating-point tensors in that precision (e.g. float16 to halve a shipped codec)."""
+    `dtype` stores floating-point tensors in that precision (e.g. float16 to halve a shipped codec); `int8` the big
+    matrices as int8 rows (`checkpoints.pack_int8`)."""
     from safetensors.torch import save_file
+
+    from ..checkpoints import pack_int8
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
                for k, v in model.state_dict().items()}
+    if int8:  # the learnt matrices; buffers (codebooks, windows, mel filters) keep `dtype`
+        buffers = {name for name, _ in model.named_buffers()}
+        packed = pack_int8({k: v for k, v in tensors.items() if k not in buffers})
+        tensors = {**{k: v for k, v in tensors.items() if k in buffers}, **{k: v.contiguous() for k, v in packed.items()}}
     save_file(tensors, str(directory / "model.safetensors"))
     (directory / "config.json").write_text(json.dumps(mimi_config_json(model.cfg), indent=2) + "\n")
     return directory
