@@ -461,8 +461,9 @@ def create_app(service: SpeechService, *, api_key: str | None = None, max_waitin
                quiet: bool = False) -> FastAPI:
     """The HTTP face of `service`: OpenAI's routes, /health, the playground at / and OpenAPI docs at /docs.
 
-    Admission: at most `slots + max_waiting` speech requests are taken at once (default max_waiting: 2 x slots);
-    past that a request gets 429 with Retry-After at once, without touching a thread or the model."""
+    Admission: at most `(slots + max_waiting) / best_of` speech requests are taken at once (default max_waiting:
+    2 x slots; best_of draws per sentence, 1 for most models); past that a request gets 429 with Retry-After at
+    once, without touching a thread or the model."""
     import anyio.to_thread
     from fastapi import Depends
     from fastapi.exceptions import RequestValidationError
@@ -471,7 +472,8 @@ def create_app(service: SpeechService, *, api_key: str | None = None, max_waitin
     from starlette.exceptions import HTTPException
 
     slots = service.batcher.slots
-    capacity = slots + (2 * slots if max_waiting is None else max_waiting)
+    # A request runs best_of draws of each sentence at once: slots and the wait queue count draws.
+    capacity = max(1, (slots + (2 * slots if max_waiting is None else max_waiting)) // service.gen._best_of())
     admitted = {"speech": 0}
     log = logging.getLogger("csm.serve")
 
@@ -724,8 +726,7 @@ def make_server(gen: Generator, host: str = "127.0.0.1", port: int = 8000, *, sl
     """A ready server with its batcher started and warmed up. `serve_forever()` runs it; `shutdown()` then
     `server.service.batcher.close()` stop it."""
     waiting = 2 * slots if max_waiting is None else max_waiting
-    # Admission counts speech requests; the batcher counts draws (best_of of them per sentence).
-    batcher = Batcher(gen, slots=slots, max_waiting=(slots + waiting) * gen._best_of()).start()
+    batcher = Batcher(gen, slots=slots, max_waiting=waiting).start()  # counts draws, as admission does
     service = SpeechService(gen, batcher, voices=voices, model_name=model_name, chunk_frames=chunk_frames)
     server = SpeechServer(create_app(service, api_key=api_key, max_waiting=waiting, quiet=quiet), service, host,
                           port, quiet=quiet)
