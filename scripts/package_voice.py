@@ -32,9 +32,19 @@ from csm.judge import load_judge, save_judge
 from csm.mimi import load_mimi
 from csm.mimi.weights import save_mimi
 from csm.train.judge import draws_files
-from csm.tokenizer import spoken_words
+from csm.tokenizer import TextTokenizer, spoken_words
 
 STORE = torch.float16  # 10 mantissa bits: finer than bf16 for the small weights of a tiny model
+
+
+def files_line(out: Path) -> str:
+    """The card's Files line, from what is on disk (int8 rows where a tensor has a scale beside it)."""
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        int8 = any(k.endswith(".int8_scale") for k in f.keys())
+    stored = "the big matrices as int8 rows, the rest in float16" if int8 else "weights stored in float16"
+    return f"Files: {_mb(out):.1f} MB ({stored}, loaded as float32 on a CPU)."
 
 
 def _last(checkpoint: Path, key: str) -> dict:
@@ -200,7 +210,7 @@ def card(args, model, codec, out: Path, corpora: list[tuple[Path, dict]]) -> str
     if args.notes:
         lines += ["", args.notes]
     lines += ["", "## Scores (`csm eval`)", "", scores_line(args.eval)]
-    lines += ["", f"Files: {_mb(out):.1f} MB (weights stored in float16, loaded as float32 on a CPU).", ""]
+    lines += ["", files_line(out), ""]
     return "\n".join(lines)
 
 
@@ -232,7 +242,7 @@ def _rewrite_card(args, card_path: Path, bullet: str, new_bullet: list[str], dat
     if args.eval:
         lines[scores + 2] = scores_line(args.eval)
     files = next(i for i, line in enumerate(lines) if line.startswith("Files: "))
-    lines[files] = f"Files: {_mb(out):.1f} MB (weights stored in float16, loaded as float32 on a CPU)."
+    lines[files] = files_line(out)
     lines = [vocabulary_line(out) if line.startswith("Vocabulary: the ") else line for line in lines]
     card_path.write_text("\n".join(lines))
 
@@ -246,7 +256,7 @@ def swap_codec(args) -> None:
     codec = load_mimi(args.swap_codec)
     _fits_float16(codec, "the codec")
     shutil.rmtree(out / "codec", ignore_errors=True)
-    save_mimi(codec, out / "codec", dtype=STORE)
+    save_mimi(codec, out / "codec", dtype=STORE, int8=args.int8)
     _rewrite_card(args, card_path, "- Codec:", codec_lines(codec, Path(args.swap_codec)))
     print(f"wrote {out / 'codec'} and the card ({_mb(out):.1f} MB)")
 
@@ -300,7 +310,7 @@ def swap_model(args) -> None:
     if model.cfg != old.cfg:
         raise SystemExit(f"package_voice.py: {checkpoint} has another model config than {out}; package it with --model")
     _fits_float16(model, "the CSM")
-    save_checkpoint(model, out, dtype=STORE)  # model.safetensors + config.json; the codec and the rest stay
+    save_checkpoint(model, out, dtype=STORE, int8=args.int8)  # model.safetensors + config.json; the rest stays
     vocabulary = out / "vocabulary.txt"
     if corpora and vocabulary.is_file():
         words = set(vocabulary.read_text().split()) | set(corpus_vocabulary(corpora))
@@ -331,6 +341,9 @@ def main() -> None:
                    help="a make_corpus.py folder the voice was trained on (corpus.json, manifest.jsonl); repeatable")
     p.add_argument("--eval", default=None, help="`csm eval --json` output for this model")
     p.add_argument("--notes", default="", help="a paragraph for the card (e.g. where the training ran)")
+    p.add_argument("--int8", action="store_true",
+                   help="store the big matrices of the CSM and codec as int8 rows (checkpoints.pack_int8): ~40 %% of "
+                        "float16's bytes")
     p.add_argument("--generation", default=None, metavar="JSON",
                    help='sampling defaults written to generation.json, e.g. \'{"speaker": 1, "topk": 5}\'')
     args = p.parse_args()
@@ -350,9 +363,9 @@ def main() -> None:
     codec = load_mimi(args.codec)
     _fits_float16(model, "the CSM")
     _fits_float16(codec, "the codec")
-    save_checkpoint(model, out, dtype=STORE)
+    save_checkpoint(model, out, dtype=STORE, int8=args.int8)
     shutil.copy(Path(args.model) / "tokenizer.json", out / "tokenizer.json")
-    save_mimi(codec, out / "codec", dtype=STORE)
+    save_mimi(codec, out / "codec", dtype=STORE, int8=args.int8)
     generation = json.loads(args.generation) if args.generation else {}
     speakers = corpus_speakers(corpora)
     if speakers:  # so that `csm say --speaker 7` names the voices it has instead of inventing one
@@ -360,8 +373,9 @@ def main() -> None:
     if generation:
         (out / "generation.json").write_text(json.dumps(generation) + "\n")
         generation_defaults(out)  # checks the keys
-    vocabulary = corpus_vocabulary(corpora)
-    if vocabulary:  # so that `csm say` can warn about words the voice never heard
+    # so that `csm say` can warn about words the voice never heard; a voice that reads phonemes has no such words
+    vocabulary = [] if TextTokenizer.from_file(out / "tokenizer.json").phonemes else corpus_vocabulary(corpora)
+    if vocabulary:
         (out / "vocabulary.txt").write_text("".join(w + "\n" for w in vocabulary))
     (out / "MODEL_CARD.md").write_text(card(args, model, codec, out, corpora))
     print(f"wrote {out} ({_mb(out):.1f} MB)")

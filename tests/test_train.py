@@ -765,3 +765,36 @@ def test_lora_targets_choose_the_adapted_linears(prepared, tmp_path):
     assert adapters and all(k.startswith("decoder.") and ".attn.w" in k for k in adapters)
     meta = json.loads((tmp_path / "lora" / "step-000002" / "lora.json").read_text())
     assert meta["stacks"] == ["decoder"] and meta["targets"] == ["attn.wq", "attn.wk", "attn.wv", "attn.wo"]
+
+
+def test_package_a_phoneme_voice_in_int8(micro_config, tmp_path):
+    """package_voice.py --int8 for a voice that reads phonemes: no vocabulary.txt (it has no unknown words), the
+    big matrices stored as int8 rows (the card says so), and the packaged voice loads and speaks."""
+    pytest.importorskip("piper.phonemize_espeak")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from csm.generate import load_generator
+    from csm.mimi import Mimi, preset, save_mimi
+    from csm.tokenizer import train_phoneme_tokenizer
+
+    rows = _make_corpus(tmp_path)
+    _manifest(tmp_path / "m.jsonl", rows)
+    tok = train_phoneme_tokenizer([f"[{r['speaker']}]{r['text']}" for r in rows])
+    D.prepare(tmp_path / "m.jsonl", tmp_path / "prep", FakeCodec(), tok, progress=False)
+    train(_cfg(tmp_path / "prep", tmp_path / "run", model_config=micro_config, steps=2))
+    save_mimi(Mimi(preset("tiny-mel")), tmp_path / "codec")
+    script = Path(__file__).parent.parent / "scripts" / "package_voice.py"
+    out = tmp_path / "voice"
+    for int8 in ([], ["--int8"]):
+        subprocess.run([sys.executable, str(script), "--model", str(tmp_path / "run" / "step-000002"), "--codec",
+                        str(tmp_path / "codec"), "--out", str(out / ("i8" if int8 else "f16")), *int8],
+                       check=True, capture_output=True)
+    size = lambda d: (d / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(out / "i8") < size(out / "f16") and size(out / "i8" / "codec") < size(out / "f16" / "codec")
+    assert not (out / "i8" / "vocabulary.txt").exists()
+    assert "int8 rows" in (out / "i8" / "MODEL_CARD.md").read_text()
+    gen = load_generator(out / "i8")
+    assert gen.tokenizer.phonemes == "en-us" and gen.vocabulary is None
+    assert gen.generate("Call me at 4:30.", speaker=0, seed=0, max_audio_length_ms=160).audio is not None
