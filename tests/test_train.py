@@ -795,6 +795,8 @@ def test_package_a_phoneme_voice_in_int8(micro_config, tmp_path):
     assert size(out / "i8") < size(out / "f16") and size(out / "i8" / "codec") < size(out / "f16" / "codec")
     assert not (out / "i8" / "vocabulary.txt").exists()
     assert "int8 rows" in (out / "i8" / "MODEL_CARD.md").read_text()
-    gen = load_generator(out / "i8")
+    from csm.mimi import load_model_codec
+
+    gen = load_generator(out / "i8", codec=load_model_codec(out / "i8"))
     assert gen.tokenizer.phonemes == "en-us" and gen.vocabulary is None
     assert gen.generate("Call me at 4:30.", speaker=0, seed=0, max_audio_length_ms=160).audio is not None
