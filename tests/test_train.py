@@ -730,6 +730,24 @@ def test_training_can_be_watched(prepared, micro_config, tmp_path):
     assert "eval/listen_wer" in tags["scalars"] and all("listen_wer" in r for r in records if "eval_loss" in r)
 
 
+def test_listening_leaves_the_trained_model_as_it_was(prepared, micro_config, tmp_path):
+    """The listener speaks with the very model being trained: it must not fuse its projections (new tensors the
+    optimizer would not hold) nor leave it in eval mode."""
+    from csm.mimi import Mimi, preset, save_mimi
+    from csm.train.train import Listener
+    from csm.train.watch import Watch
+
+    save_mimi(Mimi(preset("tiny-mel")).eval(), tmp_path / "codec")
+    (tmp_path / "lines.txt").write_text("hello there\n")
+    cfg = _cfg(prepared, tmp_path / "l", model_config=micro_config, listen=str(tmp_path / "lines.txt"),
+               listen_codec=str(tmp_path / "codec"))
+    torch.manual_seed(0)
+    model = CSM(MICRO).train()
+    before = {n: p for n, p in model.named_parameters()}
+    Listener(cfg, prepared / "tokenizer.json", torch.device("cpu"))(model, Watch(tmp_path, 1, 0, "x", enabled=False), 0)
+    assert model.training and {n: p for n, p in model.named_parameters()} == before
+
+
 def test_a_run_ends_with_its_curves_as_a_png(prepared, micro_config, tmp_path):
     pytest.importorskip("matplotlib")
     from csm.cli import main

@@ -584,7 +584,9 @@ class Listener:
         from ..generate import Generator
 
         was_training = model.training
-        gen = Generator(model.eval(), self.tokenizer, self.codec, engine="eager")
+        # fuse=False: the model being trained must keep its parameters (fusing would swap them for new tensors the
+        # optimizer does not hold)
+        gen = Generator(model, self.tokenizer, self.codec, engine="eager", fuse=False)
         errors, words = 0.0, 0
         for i, line in enumerate(self.lines):
             speech = gen.generate(line, speaker=0, seed=0, max_audio_length_ms=min(20_000, 1500 + 600 * len(line.split())))
