@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import replace, dataclass
 from typing import Any
 
 
@@ -87,16 +87,10 @@ PRESETS: dict[str, CSMConfig] = {
         audio_vocab_size=515,
         audio_num_codebooks=8,
     ),
-    # The phoneme voice: the same network for the `embedded-mel` codec's first 8 codebooks (1024 + 3 ids) and a
-    # character vocabulary of espeak-ng IPA symbols (~60 in use, room for 128).
-    "embedded-phonemes": CSMConfig(
-        backbone=TransformerConfig(n_layers=6, dim=384, n_heads=6, n_kv_heads=2, intermediate_size=1024, max_seq_len=512),
-        decoder=TransformerConfig(n_layers=3, dim=192, n_heads=3, n_kv_heads=1, intermediate_size=576, max_seq_len=8),
-        text_vocab_size=128,
-        audio_vocab_size=1027,
-        audio_num_codebooks=8,
-    ),
 }
+# The phoneme voice: the same network for the `embedded-mel` codec's first 8 codebooks (1024 + 3 ids) and a character
+# vocabulary of espeak-ng IPA symbols (~70 in use, room for 128).
+PRESETS["embedded-phonemes"] = replace(PRESETS["embedded"], text_vocab_size=128, audio_vocab_size=1027)
 
 
 def get_config(name: str) -> CSMConfig:
