@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import replace, dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 
