@@ -462,3 +462,22 @@ def test_every_sentence_is_checked_before_the_first_byte(gen, tokenizer):
     with pytest.raises(ApiError, match=r"sentence '\.\.\.': nothing to say"):
         service.parse({"input": "I think dinner is at seven. ...", "voice": "0"})
     assert service.parse({"input": "I think dinner is at seven. At 7:30!", "voice": "0"}).text
+
+
+def test_a_client_gone_before_the_first_byte_is_released(server):
+    """Admission and slot are given back however a stream ends, also when the client left before the response
+    started (the body's generator then never runs)."""
+    body = json.dumps({"input": "hello there", "response_format": "pcm", "max_audio_length_ms": 38_000,
+                       "topk": 1}).encode()
+    for _ in range(3):
+        sock = socket.create_connection(server.server_address[:2])
+        sock.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.close()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        health = _get(server, "/health")[1]
+        if health["admitted"] == 0 and health["busy"] == 0 and health["waiting"] == 0:
+            break
+        time.sleep(0.1)
+    assert health["admitted"] == 0 and health["busy"] == 0, health
+    assert _post(server, {**LINE, "response_format": "pcm"})[0].status == 200

@@ -31,6 +31,7 @@ from typing import Iterator
 
 import torch
 from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
 from ..audio import SPEED_RANGE, STREAM_FORMATS, AudioError, StreamEncoder, TimeStretch, load_audio
@@ -467,7 +468,7 @@ def create_app(service: SpeechService, *, api_key: str | None = None, max_waitin
     import anyio.to_thread
     from fastapi import Depends
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
     from starlette.exceptions import HTTPException
 
@@ -558,7 +559,7 @@ def create_app(service: SpeechService, *, api_key: str | None = None, max_waitin
             raise ApiError(429, f"the server is busy: {admitted['speech']} requests are being served or waiting "
                                 f"(the limit is {capacity}); try again shortly", kind="server_busy", retry_after=2)
         admitted["speech"] += 1
-        release = True
+        audio = response = None
         try:
             job = await run_in_threadpool(service.parse, await _parsed(request, SpeechRequest))
             audio = await run_in_threadpool(service.speak, job)
@@ -566,34 +567,39 @@ def create_app(service: SpeechService, *, api_key: str | None = None, max_waitin
             unknown = service.gen.unknown_words(job.text)
             if unknown:  # a small voice mumbles words it never heard: say which (ASCII, as headers must be)
                 headers["X-CSM-Unknown-Words"] = ",".join(unknown).encode("ascii", "replace").decode()
-            release = False
-            return StreamingResponse(_streamed(job, audio), headers=headers,
-                                     media_type="text/event-stream" if job.sse else STREAM_FORMATS[job.fmt][2])
+            response = _Stream(_chunks(job, audio), _closer(audio), headers=headers,
+                               media_type="text/event-stream" if job.sse else STREAM_FORMATS[job.fmt][2])
+            audio = None  # the response owns it now, and releases it however it ends
+            return response
         except (ApiError, RequestValidationError):
             raise
         except Exception as e:  # a bug or the device failing: this request fails, the server stays up
             log.exception("speech request failed")
             raise ApiError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error") from None
         finally:
-            if release:
+            if audio is not None:  # failed after speak(): free its slot and conversation
+                await _closer(audio)()
+            elif response is None:  # failed before: only the admission to give back
                 admitted["speech"] -= 1
 
-    async def _streamed(job: SpeechJob, audio: Iterator[bytes]):
-        t0, sent = time.perf_counter(), 0
-        try:
-            async for data in iterate_in_threadpool(audio):
-                if data:
-                    sent += len(data)
-                    yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}) \
-                        if job.sse else data
-            if job.sse:
-                yield _sse({"type": "speech.audio.done", "usage": {
-                    "input_tokens": len(job.text), "output_tokens": sent, "total_tokens": len(job.text) + sent}})
-            if not quiet:
-                log.info("spoke %d chars as %s in %.2f s", len(job.text), job.fmt, time.perf_counter() - t0)
-        finally:  # also when the client hung up: the batcher's job is cancelled, the conversation freed
+    def _closer(audio: Iterator[bytes]):
+        async def close() -> None:
             admitted["speech"] -= 1
-            await run_in_threadpool(audio.close)
+            await run_in_threadpool(audio.close)  # the batcher's job cancelled, the conversation freed
+        return close
+
+    async def _chunks(job: SpeechJob, audio: Iterator[bytes]):
+        t0, sent = time.perf_counter(), 0
+        async for data in iterate_in_threadpool(audio):
+            if data:
+                sent += len(data)
+                yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}) \
+                    if job.sse else data
+        if job.sse:
+            yield _sse({"type": "speech.audio.done", "usage": {
+                "input_tokens": len(job.text), "output_tokens": sent, "total_tokens": len(job.text) + sent}})
+        if not quiet:
+            log.info("spoke %d chars as %s in %.2f s", len(job.text), job.fmt, time.perf_counter() - t0)
 
     return app
 
@@ -629,6 +635,21 @@ def _schema(model: type[BaseModel]) -> dict:
         return [inline(v) for v in node] if isinstance(node, list) else node
 
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
+class _Stream(StreamingResponse):
+    """A streamed response that runs `on_close` however it ends: sent whole, failed, or cancelled because the client
+    left, even before its first chunk (a body generator that never started would run no `finally`)."""
+
+    def __init__(self, content, on_close, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.on_close()
 
 
 def _validation_error(errors) -> ApiError:
