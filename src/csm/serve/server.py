@@ -2,9 +2,10 @@
 
 `SpeechService` is the whole behaviour without HTTP: it checks a request body, picks the voice and context, and
 yields encoded audio as the continuous batcher makes frames (each sentence in the context of the one before, as
-`csm say` speaks). The handler below only moves bytes: every response is streamed (chunked transfer, or server-sent
-events with `"stream_format": "sse"`), and everything that can be wrong with a request is found before the first
-byte, so it gets a 4xx with OpenAI's error body while the server goes on serving.
+`csm say` speaks). `create_app` puts it behind FastAPI on uvicorn and only moves bytes: every response is streamed
+(chunked transfer, or server-sent events with `"stream_format": "sse"`), and everything that can be wrong with a
+request is found before the first byte, so it gets a 4xx with OpenAI's error body while the server goes on serving.
+Admission is bounded (429 with Retry-After beyond it), and the playground page is served at `/`.
 
 Beyond OpenAI's fields (`model`, `input`, `voice`, `response_format`, `speed`, `stream_format`), a request may carry
 `context` (earlier turns: speaker or voice, text, and audio as base64 file bytes or Mimi codes) and `conversation`
