@@ -109,10 +109,13 @@ def transcribe_recordings(source: str | Path, out: str | Path, *, speaker: int =
 
 def _one(model, path: Path, rel: str, out: Path, speaker: int, language: str, min_seconds: float,
          max_seconds: float, sample_rate: int) -> tuple[list[Clip], list[tuple[str, str]]]:
+    from ..evaluate import to_16k
+
     try:
-        wav = load_audio(path, 16_000, max_seconds=None, name=rel).numpy()
-    except AudioError as e:
+        full = load_audio(path, sample_rate, max_seconds=None, name=rel)  # read once: clips cut from it, Whisper
+    except AudioError as e:                                              # hears it at 16 kHz
         return [], [(rel, f"could not read it: {e}")]
+    wav = to_16k(full.numpy(), sample_rate)
     frame = 1600
     loudest = max((float(np.sqrt(np.mean(wav[i:i + frame] ** 2))) for i in range(0, max(1, len(wav) - frame + 1), frame)),
                   default=0.0)
@@ -142,7 +145,6 @@ def _one(model, path: Path, rel: str, out: Path, speaker: int, language: str, mi
             turns[-1] = (turns[-1][0], end, turns[-1][2] + " " + text)
         else:
             turns.append((start, end, text))
-    full = load_audio(path, sample_rate, max_seconds=None, name=rel)
     clips = []
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", rel.rsplit(".", 1)[0])
     for start, end, text in turns:
