@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     timing = bench_ours(gen, DEFAULT_TEXT, args.frames, [], 1)
     timing.pop("codes")
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "engine": gen.engine,
+              "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "engine": gen.engine.kind,
               "fused_projections": not args.no_fuse, "quantize": args.quantize, "gemv": args.gemv,
               "gemv_chunk": args.gemv_chunk,
               "inductor": args.inductor, "timing": timing,
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             next(frames)  # prefill + first frame happen before the profiled ones
             result["replay"] = profile_frames(lambda: next(frames), args.profile_frames, device)
             # The step called directly: for graph/compile engines, the same kernels launched one by one.
-            step = gen._step_fns(1)[0]
+            step = gen.engine.step_fns(1)[0]
             k, vocab = gen.num_codebooks, model.cfg.audio_vocab_size
             full = model.cfg.backbone.max_seq_len
             inputs = (torch.ones(1, k, dtype=torch.long, device=device), torch.full((1, 1), 40, device=device), full,

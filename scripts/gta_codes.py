@@ -79,7 +79,7 @@ def main() -> None:
         first = len(tokens) - codes.shape[1] - 2  # the last text frame predicts the first audio frame
         f = codes.shape[1]
         drawn = draw_frames(m, h[0, first: first + f], logits[0, first: first + f], args.draws, topk, temperature, g)
-        drawn = gen._codec_ready(drawn).cpu()  # ids past the codec's codebook decode as 0, as in generation
+        drawn = gen.codec_ready(drawn).cpu()  # ids past the codec's codebook decode as 0, as in generation
         i = len(kept)
         tensors[f"true.{i}"] = codes.to(torch.int16).contiguous()
         tensors[f"gta.{i}"] = drawn.to(torch.int16).contiguous()

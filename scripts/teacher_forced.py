@@ -28,7 +28,8 @@ import torch
 from csm.audio import load_audio, save_audio
 from csm.evaluate import pair_wavs
 from csm.frames import Segment, segment_frames
-from csm.generate import load_generator, sample_topk
+from csm.engine import sample_topk
+from csm.generate import load_generator
 from csm.mimi import load_model_codec
 
 

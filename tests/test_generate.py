@@ -9,7 +9,8 @@ import torch
 
 from csm.config import get_config
 from csm.frames import Segment, audio_frames, text_frames
-from csm.generate import ContextTooLongError, Generator, Speech, sample_topk
+from csm.engine import sample_topk
+from csm.generate import ContextTooLongError, Generator, Speech
 from csm.model import CSM
 
 
@@ -76,7 +77,7 @@ def test_stops_at_all_zero_frame(tokenizer):
 
 
 def test_stops_when_frame_is_zero_midway(tokenizer, monkeypatch):
-    from csm.generate import FrameStep
+    from csm.engine import FrameStep
 
     calls = []
     real = FrameStep.forward
@@ -203,7 +204,7 @@ def test_stream_chunks_concatenate_to_the_one_shot_audio(tokenizer):
 
 def test_engine_choice_is_checked(tokenizer):
     model = CSM(get_config("tiny"))
-    assert Generator(model, tokenizer).engine == "eager"  # the CPU default
+    assert Generator(model, tokenizer).engine.kind == "eager"  # the CPU default
     with pytest.raises(ValueError, match="unknown engine"):
         Generator(model, tokenizer, engine="turbo")
     with pytest.raises(ValueError, match="needs a CUDA device"):

@@ -103,7 +103,7 @@ def bench_ours(gen, text: str, frames: int, batch_sizes: list[int], chunk_frames
     out["sampled_ms_per_frame"] = _seconds_per_frame(stamps) * 1e3
     # prefill alone: the backbone over the prompt
     tokens, mask = gen.prompt_frames(text, 0, ())
-    step = gen._step_fns(1)[0]
+    step = gen.engine.step_fns(1)[0]
     tokens, mask = tokens[None].to(dev), mask[None].to(dev)
     pos = torch.arange(tokens.shape[1], device=dev)[None]
     from .model import causal_mask
@@ -224,13 +224,13 @@ def run(args: argparse.Namespace) -> int:
     gen = Generator(model, tokenizer, build_codec(args, device), engine=engine, fuse=not args.no_fuse,
                     gemv=args.gemv)
     print(f"benchmarking {args.model or args.preset} ({n_params / 1e6:.0f} M params, {dtype}) on "
-          f"{_device_name(device)}; engine={gen.engine}; {frames} frames", file=sys.stderr)
+          f"{_device_name(device)}; engine={gen.engine.kind}; {frames} frames", file=sys.stderr)
     ours = bench_ours(gen, args.text, frames, batch_sizes, args.chunk_frames)
     result = {
         "device": _device_name(device),
         "dtype": str(dtype).removeprefix("torch."),
         "model": args.model or args.preset,
-        "engine": gen.engine,
+        "engine": gen.engine.kind,
         "quantize": args.quantize,
         "gemv": args.gemv,
         "fused_projections": not args.no_fuse,

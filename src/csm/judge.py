@@ -19,10 +19,14 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from .generate import Generator, Request
 
 CONFIG, WEIGHTS = "judge.json", "judge.safetensors"
 
@@ -148,3 +152,64 @@ def load_judge(source: str | os.PathLike, device: str | torch.device = "cpu") ->
     state = load_file(str(source / WEIGHTS))
     judge.load_state_dict({k: v.float() for k, v in state.items()})
     return judge.to(device).eval()
+
+
+def model_judge(source: str | os.PathLike, device: str | torch.device, needed: bool) -> Judge | None:
+    """The judge beside a model: loaded when a local model directory holds one, or when `needed` (generation.json's
+    "best_of" > 1), which makes its absence an error."""
+    from .hub import ModelFilesNotFound, find_files
+
+    local = Path(source).expanduser()
+    if local.is_dir() and (local / CONFIG).is_file() and (local / WEIGHTS).is_file():
+        return load_judge(local, device)
+    if not needed:
+        return None
+    try:
+        folder = find_files(source, [CONFIG]).parent
+        find_files(source, [WEIGHTS])
+    except ModelFilesNotFound as e:
+        raise ValueError(f'{source}: its generation.json asks for "best_of" > 1, which needs a judge ({CONFIG} + '
+                         f"{WEIGHTS}, made by `csm train-judge`): {e}") from None
+    return load_judge(folder, device)
+
+
+# --- best of n: what the Generator does with a judge -----------------------------------------------------------
+BEST_OF_SEED_STEP = 1_000_003  # draw i of a line seeded s uses s + i * this: clear of the seed + i of sentences
+
+
+def draws(gen: Generator, request: Request, n: int,
+          source: Callable[[Request], Iterator[torch.Tensor]] | None = None) -> list[torch.Tensor]:
+    """n draws [K, F] of one request, draw i seeded seed + i * BEST_OF_SEED_STEP (draw 0 is the request's own draw):
+    one batch here, or, with a `source` (the server's batcher), n jobs read side by side."""
+    from dataclasses import replace
+
+    from .engine import stack_frames
+
+    if request.seed is None:  # distinct random draws, still reproducible from one seed drawn here
+        request = replace(request, seed=int(torch.randint(0, 2**31, ())))
+    requests = [replace(request, seed=request.seed + i * BEST_OF_SEED_STEP) for i in range(n)]
+    if source is None:
+        return gen.engine.codes([gen.prepare(r) for r in requests])
+    streams = [source(r) for r in requests]
+    rows: list[list[torch.Tensor]] = [[] for _ in requests]
+    try:
+        live = list(range(n))
+        while live:
+            for i in list(live):
+                frame = next(streams[i], None)
+                if frame is None:
+                    live.remove(i)
+                else:
+                    rows[i].append(frame.cpu())
+    finally:
+        for stream in streams:
+            stream.close()
+    return [stack_frames(r, gen.num_codebooks) for r in rows]
+
+
+def best_draw(gen: Generator, request: Request, n: int,
+              source: Callable[[Request], Iterator[torch.Tensor]] | None = None) -> torch.Tensor:
+    """The codes [K, F] of the judge's pick of n `draws` of the request."""
+    found = draws(gen, request, n, source)
+    scores = gen.judge.rank(found, request.text)
+    return found[min(range(n), key=scores.__getitem__)]

@@ -3,7 +3,7 @@
 A frame is 33 columns: 32 Mimi codes and one text token, with a mask of which columns are present. The backbone
 reads the masked sum of the column embeddings and predicts codebook 0 of the next frame. The decoder starts from
 the backbone's last hidden state and predicts codebooks 1..31 one at a time. Both transformers share one RoPE /
-attention / MLP implementation and one KV cache type; sampling and the generation loop live in generate.py.
+attention / MLP implementation and one KV cache type; sampling and the frame loop live in engine.py.
 
 RoPE uses the "rotate half" pairing (dimension i with i + head_dim/2). Sesame's torchtune checkpoints pair
 adjacent dimensions instead; checkpoints.py permutes their q/k projections on load so the maths is identical.

@@ -1,6 +1,6 @@
 """Continuous batching: requests join and leave one running batch at any frame.
 
-`Generator.iter_frames` runs a fixed batch until its last row stops, which a server cannot wait for. Here the batch
+`Engine.run` runs a fixed batch until its last row stops, which a server cannot wait for. Here the batch
 is a fixed set of slots, each owning one row of the KV caches. The requests that arrived since the last step are
 prefilled together (a padded batch in a scratch cache, whose rows are then copied into free slots' rows), then step
 with the others, one frame for every busy slot per step; a finished or cancelled request frees its slot at once. A request draws its sampling noise from its own generator
@@ -21,7 +21,8 @@ from typing import Iterator
 
 import torch
 
-from ..generate import FrameStep, Generator, Prepared, Request, frame_step_fns, sampling_rows
+from ..engine import FrameStep, Prepared, frame_step_fns, sampling_rows
+from ..generate import Generator, Request
 from ..model import cache_rows
 
 _DONE = object()
@@ -68,7 +69,7 @@ class Batcher:
             raise ValueError(f"slots must be at least 1, got {slots}")
         self.gen, self.slots, self.max_waiting = gen, slots, max_waiting
         m, dev, k = gen.model, gen.device, gen.num_codebooks
-        self.static = gen.engine != "eager" or dev.type == "cuda"
+        self.static = gen.engine.kind != "eager" or dev.type == "cuda"
         self.backbone_cache, self.decoder_cache = m.backbone.new_cache(slots), m.decoder.new_cache(slots)
         self.jobs: list[Job | None] = [None] * slots
         self.frame = torch.zeros(slots, k, dtype=torch.long, device=dev)  # each slot's newest frame
@@ -171,7 +172,7 @@ class Batcher:
             return
         n = self.slots if self.static else busy[-1] + 1
         if n not in self._steps:
-            self._steps[n] = frame_step_fns(self.gen.model, self.gen.engine, cache_rows(self.backbone_cache, 0, n),
+            self._steps[n] = frame_step_fns(self.gen.model, self.gen.engine.kind, cache_rows(self.backbone_cache, 0, n),
                                             cache_rows(self.decoder_cache, 0, n))
         _, _, next_frame = self._steps[n]
         dev, k, vocab = self.gen.device, self.gen.num_codebooks, self.gen.model.cfg.audio_vocab_size
@@ -193,14 +194,14 @@ class Batcher:
             self._emit(i, frames[i])
 
     def _admit(self, admitted: list[tuple[int, Job]]) -> None:
-        """Prefill the new requests' prompts in one padded batch (`Generator.prefill`), make their first frames, and
+        """Prefill the new requests' prompts in one padded batch (`Engine.prefill`), make their first frames, and
         copy each prompt's keys and values into its slot's cache row."""
         m = self.gen.model
         prepared = [job.prepared for _, job in admitted]
         lengths = [len(p.tokens) for p in prepared]
         # Scratch caches as long as the longest prompt: the rows of the slot caches need not be neighbours.
         scratch_b, scratch_d = m.backbone.new_cache(len(prepared), max(lengths)), m.decoder.new_cache(len(prepared))
-        last = self.gen.prefill(prepared, scratch_b)
+        last = self.gen.engine.prefill(prepared, scratch_b)
         topk, temperature = sampling_rows(prepared, self.gen.device)
         first = FrameStep(m, scratch_b, scratch_d, static=self.static).frame_from_hidden(
             last, torch.stack([p.noise() for p in prepared]), temperature, topk, int(topk.max()))
