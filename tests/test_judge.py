@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from csm.config import get_config
-from csm.generate import BEST_OF_SEED_STEP, Generator, Request, load_generator
+from csm.generate import Generator, Request, load_generator
+from csm.judge import BEST_OF_SEED_STEP
 from csm.judge import Judge, JudgeConfig, load_judge, save_judge, text_targets
 from csm.model import CSM
 from csm.train.judge import JudgeTrainConfig, draw_groups, load_examples, rank_loss, train_judge
@@ -229,32 +230,3 @@ def test_best_of_streams_the_pick_alone_or_through_the_batcher(tokenizer):
     finally:
         batcher.close()
     torch.testing.assert_close(torch.cat(served), whole.audio, atol=1e-5, rtol=0)
-
-
-def test_second_listener_tables():
-    """scripts/second_listener.py's arithmetic: which draw each picker keeps, the WER of the picks by both
-    recognisers, the paired bootstrap, and how often the recognisers order two draws alike."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "second_listener", Path(__file__).parent.parent / "scripts" / "second_listener.py")
-    sl = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sl)
-    rows = [  # 10 words in all; judge "a" keeps draw 0, judge "b" draw 1 (2 of 4) or draw 2 (all 4)
-        {"words": 4, "errors": [3, 1, 0, 2], "ps": [2, 1, 3, 0], "a": [0.1, 0.5, 0.6, 0.9], "b": [0.9, 0.2, 0.1, 0.8]},
-        {"words": 6, "errors": [2, 0, 4, 1], "ps": [5, 2, 1, 3], "a": [0.1, 0.5, 0.6, 0.9], "b": [0.9, 0.2, 0.1, 0.8]},
-    ]
-    two = sl.pick_table(rows, ["a", "b"], 2)
-    assert two["a"] == (0.5, 0.7) and two["b"] == (0.1, 0.3)
-    assert two["average draw"] == pytest.approx(((2 + 1) / 10, (1.5 + 3.5) / 10))
-    assert two["best by Whisper"] == (0.1, 0.3) and two["best by pocketsphinx"] == (0.1, 0.3)
-    four = sl.pick_table(rows, ["a", "b"], 4)
-    assert four["b"] == (0.4, 0.4) and four["best by Whisper"] == (0.0, 0.5)
-    assert four["best by pocketsphinx"] == (0.6, 0.1)
-    diff, lo, hi, better = sl.paired_bootstrap(rows, "a", "b", 2, "errors", samples=200)
-    assert diff == pytest.approx(-0.4) and lo <= diff <= hi and better == 1.0  # b's pick is better on both lines
-    diff, _, _, better = sl.paired_bootstrap(rows, "b", "a", 2, "ps", samples=200)
-    assert diff == pytest.approx(0.4) and better == 0.0
-    # every pair of draws is heard differently by both: the orders agree on 2 of row 1's 6 pairs, 3 of row 2's
-    assert sl.agreement(rows) == (pytest.approx(5 / 12), 12)

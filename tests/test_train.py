@@ -453,22 +453,6 @@ def test_torchrun_two_processes_match_gradient_accumulation(prepared, micro_conf
         assert torch.allclose(va, vb, atol=1e-5), k
 
 
-def test_probe_codes_script(prepared, micro_config, tmp_path):
-    import re
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    train(_cfg(prepared, tmp_path / "run", model_config=micro_config, steps=2))
-    script = Path(__file__).parent.parent / "scripts" / "probe_codes.py"
-    out = subprocess.run([sys.executable, str(script), str(tmp_path / "run" / "step-000002"), str(prepared),
-                          "--examples", "4", "--greedy", "2"], capture_output=True, text=True, check=True).stdout
-    values = {m[0].strip(): float(m[1]) for m in re.findall(r"^  (.+?)\s+([\d.]+) %$", out, re.M)}
-    assert set(values) == {"acoustic codes clean", "acoustic codes swap p=0.25", "acoustic codes swap p=0.5",
-                           "acoustic codes swap all", "greedy free-running (first turns)"}
-    assert all(0 <= v <= 100 for v in values.values())
-
-
 def test_split_prepared_script_holds_out_unseen_conversations(prepared, tmp_path):
     import subprocess
     import sys
