@@ -288,7 +288,7 @@ def test_batcher_with_the_compiled_step_equals_eager_runs_alone(tokenizer, joins
 
 
 def test_a_voices_file_gives_named_voices_with_a_prompt_turn(server, gen, tmp_path):
-    from csm.serve.server import SpeechService, load_voices
+    from csm.serve.service import SpeechService, load_voices
 
     sf.write(tmp_path / "maya.wav", gen.decode_audio(_codes(6, 4)).numpy(), 24_000)
     (tmp_path / "voices.json").write_text(json.dumps({"maya": {"speaker": 2, "text": "fine thanks",
@@ -454,7 +454,7 @@ def test_a_full_server_says_429_with_retry_after(gen):
 def test_every_sentence_is_checked_before_the_first_byte(gen, tokenizer):
     """A line whose second sentence cannot be spoken fails with a 400 before any audio, not mid-stream."""
     pytest.importorskip("piper.phonemize_espeak")
-    from csm.serve.server import ApiError, SpeechService
+    from csm.serve.service import ApiError, SpeechService
     from csm.tokenizer import train_phoneme_tokenizer
 
     phonemes = Generator(gen.model, train_phoneme_tokenizer(["[0]I think dinner is at seven."]), gen.codec)

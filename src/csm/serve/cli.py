@@ -12,7 +12,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     from ..cli import _load_codec
     from ..generate import load_generator
-    from .server import load_voices, make_server
+    from .server import make_server
+    from .service import load_voices
 
     if args.model is None:
         from ..assets import default_model
