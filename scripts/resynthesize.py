@@ -21,7 +21,7 @@ import torch
 
 from csm.audio import load_audio, save_audio
 from csm.mimi import load_mimi
-from csm.train.codec import ValMel
+from csm.train.codec_losses import ValMel
 
 
 QUIET_DB = 48

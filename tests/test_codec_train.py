@@ -12,10 +12,11 @@ import torch
 
 from csm.mimi import load_mimi
 from csm.mimi.config import preset
-from csm.train.codec import (
-    ClipSet, CodecModel, CodeSet, CodecTrainConfig, EMACodebooks, MultiScaleMelLoss, add_subcommand, audio_paths,
-    mel_filterbank, parse_mel_scales, quantize_train, train_codec,
-)
+from csm.mimi.spectral import mel_filterbank
+from csm.train.codec import CodecTrainConfig, add_subcommand, train_codec
+from csm.train.codec_data import ClipSet, CodeSet, audio_paths
+from csm.train.codec_losses import MultiScaleMelLoss, parse_mel_scales
+from csm.train.codec_model import CodecModel, EMACodebooks, quantize_train
 
 SR = 24_000
 

@@ -95,7 +95,8 @@ def test_trains_and_resumes(tmp_path):
 
     from test_codec_train import synth_clips, tiny_cfg
 
-    from csm.train.codec import ClipSet, train_codec
+    from csm.train.codec import train_codec
+    from csm.train.codec_data import ClipSet
 
     clips, evals = ClipSet(synth_clips(6, 0.6)), synth_clips(2, 0.4, seed=1)
     kw = dict(preset="tiny-mel", segment_frames=4, steps=30, save_every=15)
