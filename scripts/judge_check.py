@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-from csm.evaluate import (Transcriber, choose_clips, context_clip, context_turn, edit_distance, line_budget_ms,
-                          normalize_text, read_corpus, read_texts)
+from csm.evaluate import choose_clips, context_clip, context_turn, line_budget_ms, read_corpus, read_texts
 from csm.generate import load_generator
+from csm.metrics import Transcriber, edit_distance, normalize_text
+from csm.judge import draws as judge_draws
 from csm.judge import load_judge
 from csm.mimi import load_model_codec
 
@@ -72,7 +73,7 @@ def main() -> None:
             context = [context_turn(gen, context_clip(contexts, speakers, i))] if contexts else []
             words = len(normalize_text(text).split())
             req = gen.request(text, spk, context, line_budget_ms(text), seed=seed + i)
-            draws = gen.draws(req, args.draws)
+            draws = judge_draws(gen, req, args.draws)
             scores = judge.rank(draws, req.text)
             errors, hyps = [], []
             for codes in draws:

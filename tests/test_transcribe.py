@@ -43,7 +43,7 @@ def recordings(tmp_path_factory):
 
 
 def test_recordings_become_transcribed_turns(recordings, tmp_path):
-    from csm.evaluate import word_error_rate
+    from csm.metrics import word_error_rate
     from csm.train.transcribe import MANIFEST, SKIPPED, transcribe_recordings
 
     clips, skipped = transcribe_recordings(recordings, tmp_path, progress=False)

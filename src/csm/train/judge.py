@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..evaluate import edit_distance
+from ..metrics import edit_distance
 from ..judge import Judge, JudgeConfig, load_judge, save_judge, text_targets
 from .data import _lines
 from .train import lr_at
@@ -96,7 +96,7 @@ def _draw_rows(path: Path) -> list[dict]:
 def draw_examples(path: Path) -> list[tuple[torch.Tensor, str]]:
     """The draws of a judge_check.py JSON, each labelled with what Whisper heard: the line itself where Whisper got
     every word (its spelling keeps the line's contractions, as the judge will be asked), else the transcript."""
-    from ..evaluate import normalize_text
+    from ..metrics import normalize_text
 
     out = []
     for row in _draw_rows(path):

@@ -572,7 +572,7 @@ class Listener:
         self.tokenizer = TextTokenizer.from_file(tokenizer_file)
         self.codec = load_mimi(cfg.listen_codec, device=device)
         try:
-            from ..evaluate import Transcriber
+            from ..metrics import Transcriber
 
             self.transcriber = Transcriber()
         except ImportError:
@@ -580,7 +580,7 @@ class Listener:
 
     @torch.no_grad()
     def __call__(self, model: CSM, watch: Watch, step: int) -> dict:
-        from ..evaluate import word_error_rate
+        from ..metrics import word_error_rate
         from ..generate import Generator
 
         was_training = model.training

@@ -109,7 +109,7 @@ def transcribe_recordings(source: str | Path, out: str | Path, *, speaker: int =
 
 def _one(model, path: Path, rel: str, out: Path, speaker: int, language: str, min_seconds: float,
          max_seconds: float, sample_rate: int) -> tuple[list[Clip], list[tuple[str, str]]]:
-    from ..evaluate import to_16k
+    from ..metrics import to_16k
 
     try:
         full = load_audio(path, sample_rate, max_seconds=None, name=rel)  # read once: clips cut from it, Whisper
