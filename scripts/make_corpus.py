@@ -94,6 +94,11 @@ VOICES = [
     Voice("joehigh", "piper", shift=1.25, description="piper joe, pitch and formants x1.25 (+3.9 semitones)"),
     Voice("steph", "espeak", "en-us+steph", pitch=50, speed=155, description="espeak-ng en-us+steph -s 155"),
 ]
+# Voices no corpus uses: speakers a voice has never heard, for fine-tuning on "your own" recordings
+# (scripts/make_recordings.py). resemblyzer puts joelow 0.66 from joe, 0.62 from joehigh, 0.51 from ussam.
+UNSEEN_VOICES = {
+    "joelow": Voice("joelow", "piper", shift=0.8, description="piper joe, pitch and formants x0.8 (-3.9 semitones)"),
+}
 
 
 # --------------------------------------------------------------------------------------------------------------
