@@ -366,6 +366,25 @@ def test_resume_gives_the_same_losses(prepared, micro_config, tmp_path):
         assert torch.allclose(va, vb, atol=1e-6, rtol=0), k
 
 
+def test_patience_keeps_the_best_checkpoint_and_stops(prepared, micro_config, tmp_path, monkeypatch):
+    """--patience: each evaluation with a lower held-out loss is saved and out/best points to it; two evaluations
+    without one end the run (the held-out losses are scripted, so the test knows which step is best)."""
+    import importlib
+
+    T = importlib.import_module("csm.train.train")  # the module (csm.train.train is also the function's name)
+    losses = iter([3.0, 2.0, 2.5, 2.4, 1.0])
+    monkeypatch.setattr(T, "evaluate", lambda *a, **k: {"eval_loss": next(losses), "eval_c0_loss": 0.0,
+                                                         "eval_decoder_loss": 0.0})
+    out = tmp_path / "p"
+    records = train(_cfg(prepared, out, model_config=micro_config, steps=20, eval_every=1, eval_fraction=0.3,
+                         patience=2))
+    assert records[-1]["step"] == 4  # 2.5 and 2.4 are no lower than 2.0: stop at the second
+    assert (out / "best").resolve() == (out / "step-000002").resolve()
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-000001", "step-000002", "step-000004"]
+    state = torch.load(out / "step-000004" / "train_state.pt", weights_only=True)
+    assert state["best"] == {"loss": 2.0, "stale": 2}
+
+
 def test_time_budget_stops_and_saves(prepared, micro_config, tmp_path):
     """--max-minutes stops early, saves that step with its training time, and the LR had started to decay by time."""
     records = train(_cfg(prepared, tmp_path / "t", model_config=micro_config, steps=10_000, max_minutes=0.02,

@@ -40,6 +40,7 @@ from .data import (
 )
 
 STATE_FILE, ADAPTERS_FILE, LORA_FILE, LOG_FILE = "train_state.pt", "adapters.safetensors", "lora.json", "log.jsonl"
+BEST = "best"  # out/best: a link to the checkpoint with the lowest held-out loss (with --patience)
 
 
 @dataclass
@@ -87,6 +88,10 @@ class TrainConfig:
     eval_batches: int = 20
     save_every: int = 500  # 0: only at the end
     keep_checkpoints: int = 0  # keep only the newest N checkpoint directories (0: all)
+    # Early stopping: each evaluation that lowers the held-out loss is saved and out/best points to it; `patience`
+    # evaluations in a row without a lower loss end the run. For fine-tunes on a few minutes of audio, which
+    # memorise their lines within a few hundred steps. 0: off.
+    patience: int = 0
     progress: bool = True  # a progress bar on stderr
     tensorboard: bool = True  # TensorBoard events in out/tb
     # At each evaluation, speak the first listen_lines lines of this text file (speaker 0, seed 0) through
@@ -260,8 +265,10 @@ def save_training_checkpoint(
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     if cfg.keep_checkpoints > 0:
+        best = (Path(cfg.out) / BEST).resolve() if (Path(cfg.out) / BEST).exists() else None
         for old in checkpoint_dirs(Path(cfg.out))[: -cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.resolve() != best:  # the best checkpoint stays whatever its age
+                shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -446,9 +453,11 @@ def train(cfg: TrainConfig) -> list[dict]:
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
     step, epoch, pos, train_seconds = 0, 0, 0, 0.0
+    best = {"loss": float("inf"), "stale": 0}  # early stopping (cfg.patience): the lowest held-out loss so far
     if state is not None:
         step, epoch, pos = state["step"], state["epoch"], state["pos"]
         train_seconds = state.get("train_seconds", 0.0)
+        best = state.get("best", best)
         _warn_if_data_order_changes(state, cfg, d)
         if state["config"].get("fsdp", False) != cfg.fsdp:  # the two store the optimizer state differently
             raise ValueError(f"{resume_dir} was saved {'with' if state['config'].get('fsdp') else 'without'} FSDP "
@@ -537,22 +546,36 @@ def train(cfg: TrainConfig) -> list[dict]:
             window = {"loss": 0.0, "c0": 0.0, "dec": 0.0, "frames": 0, "steps": 0, "t": time.perf_counter()}
         paused = time.perf_counter()
         evaluating = (cfg.eval_every and step % cfg.eval_every == 0) or last
+        improved = stop_early = False
         if eval_batches and evaluating:
             record = {"step": step, **(record or {}), **evaluate(module, eval_corpus, eval_batches, cfg, d, device)}
+            if cfg.patience:
+                improved = record["eval_loss"] < best["loss"]
+                best = {"loss": record["eval_loss"], "stale": 0} if improved else {**best, "stale": best["stale"] + 1}
+                stop_early = best["stale"] >= cfg.patience
         if listener is not None and evaluating:
             record = {"step": step, **(record or {}), **listener(_unwrap(module).model, watch, step)}
         if record is not None:
             records.append(record)
             if d.main:
                 _log(out, record, watch)
-        if ((cfg.save_every and step % cfg.save_every == 0) or last) and step != last_saved:
-            progress = {"step": step, "epoch": epoch, "pos": pos, "train_seconds": train_seconds}
+        if ((cfg.save_every and step % cfg.save_every == 0) or last or improved or stop_early) and step != last_saved:
+            progress = {"step": step, "epoch": epoch, "pos": pos, "train_seconds": train_seconds, "best": best}
             path = save_training_checkpoint(cfg, module, optimizer, progress, d, tokenizer_file)
             last_saved = step
             if d.main:
                 watch.print(f"saved {path}")
             if d.world > 1:
                 dist.barrier()
+        if improved and d.main:
+            link = out / BEST
+            link.unlink(missing_ok=True)
+            link.symlink_to(f"step-{step:06d}", target_is_directory=True)
+        if stop_early:
+            if d.main:
+                watch.print(f"stopping: no lower held-out loss in {cfg.patience} evaluations; the best checkpoint is "
+                            f"{(out / BEST).resolve() if (out / BEST).exists() else 'none'}")
+            break
         window["t"] += time.perf_counter() - paused  # throughput counts training time only
     watch.close()
     return records
