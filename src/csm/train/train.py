@@ -586,6 +586,7 @@ class Listener:
 
     def __init__(self, cfg: TrainConfig, tokenizer_file: Path, device: torch.device) -> None:
         from ..evaluate import read_texts
+        from ..generate import generation_defaults
         from ..mimi import load_mimi
         from ..tokenizer import TextTokenizer
 
@@ -593,6 +594,10 @@ class Listener:
             raise ValueError("--listen needs --listen-codec: the codec the data was prepared with")
         self.lines = read_texts(cfg.listen)[: cfg.listen_lines]
         self.tokenizer = TextTokenizer.from_file(tokenizer_file)
+        # Spoken as `csm say` speaks with the model being fine-tuned (its generation.json: top-k, numbers as words),
+        # one draw (no judge) for speed.
+        defaults = generation_defaults(cfg.init) if cfg.init else {}
+        self.defaults = {k: v for k, v in defaults.items() if k in ("temperature", "topk", "spell_numbers")}
         self.codec = load_mimi(cfg.listen_codec, device=device)
         try:
             from ..metrics import Transcriber
@@ -610,6 +615,7 @@ class Listener:
         # fuse=False: the model being trained must keep its parameters (fusing would swap them for new tensors the
         # optimizer does not hold)
         gen = Generator(model, self.tokenizer, self.codec, engine="eager", fuse=False)
+        gen.defaults.update(self.defaults)
         errors, words = 0.0, 0
         for i, line in enumerate(self.lines):
             speech = gen.generate(line, speaker=0, seed=0, max_audio_length_ms=min(20_000, 1500 + 600 * len(line.split())))
