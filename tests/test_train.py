@@ -737,17 +737,16 @@ def test_listening_leaves_the_trained_model_as_it_was(prepared, micro_config, tm
     """The listener speaks with the very model being trained: it must not fuse its projections (new tensors the
     optimizer would not hold) nor leave it in eval mode."""
     from csm.mimi import Mimi, preset, save_mimi
-    from csm.train.train import Listener
-    from csm.train.watch import Watch
+    from csm.train.watch import Listener, Watch
 
     save_mimi(Mimi(preset("tiny-mel")).eval(), tmp_path / "codec")
     (tmp_path / "lines.txt").write_text("hello there\n")
-    cfg = _cfg(prepared, tmp_path / "l", model_config=micro_config, listen=str(tmp_path / "lines.txt"),
-               listen_codec=str(tmp_path / "codec"))
     torch.manual_seed(0)
     model = CSM(MICRO).train()
     before = {n: p for n, p in model.named_parameters()}
-    Listener(cfg, prepared / "tokenizer.json", torch.device("cpu"))(model, Watch(tmp_path, 1, 0, "x", enabled=False), 0)
+    listener = Listener(str(tmp_path / "lines.txt"), 3, str(tmp_path / "codec"), prepared / "tokenizer.json", None,
+                        torch.device("cpu"))
+    listener(model, Watch(tmp_path, 1, 0, "x", enabled=False), 0)
     assert model.training and {n: p for n, p in model.named_parameters()} == before
 
 

@@ -33,7 +33,7 @@ from ..checkpoints import load_checkpoint, save_state_dict
 from ..config import CSMConfig, get_config
 from ..model import CSM
 from . import lora as lora_lib
-from .watch import Watch
+from .watch import Listener, Watch
 from .data import (
     TOKENIZER, Batch, Corpus, audio_targets, collate, decoder_frames, data_dirs, epoch_batches, load_corpus,
     noisy_codes, pack, shared_text_fraction, shared_tokenizer, split_examples,
@@ -479,7 +479,11 @@ def train(cfg: TrainConfig) -> list[dict]:
 
     records: list[dict] = []
     watch = Watch(out, cfg.steps, step, "train", cfg.progress, cfg.tensorboard, enabled=d.main)
-    listener = Listener(cfg, tokenizer_file, device) if cfg.listen and d.main else None
+    listener = None
+    if cfg.listen and d.main:
+        if not cfg.listen_codec:
+            raise ValueError("--listen needs --listen-codec: the codec the data was prepared with")
+        listener = Listener(cfg.listen, cfg.listen_lines, cfg.listen_codec, tokenizer_file, cfg.init, device)
     batches = epoch_batches(train_ids, corpus.lengths, seq_len, cfg.batch_size, cfg.seed, epoch, cfg.pack)
     k = model_cfg.audio_num_codebooks
     window = {"loss": 0.0, "c0": 0.0, "dec": 0.0, "frames": 0, "steps": 0, "t": time.perf_counter()}
@@ -579,56 +583,6 @@ def train(cfg: TrainConfig) -> list[dict]:
         window["t"] += time.perf_counter() - paused  # throughput counts training time only
     watch.close()
     return records
-
-
-class Listener:
-    """Hear the model as it trains: held-out lines spoken at each evaluation, with Whisper's WER when it is there."""
-
-    def __init__(self, cfg: TrainConfig, tokenizer_file: Path, device: torch.device) -> None:
-        from ..evaluate import read_texts
-        from ..generate import generation_defaults
-        from ..mimi import load_mimi
-        from ..tokenizer import TextTokenizer
-
-        if not cfg.listen_codec:
-            raise ValueError("--listen needs --listen-codec: the codec the data was prepared with")
-        self.lines = read_texts(cfg.listen)[: cfg.listen_lines]
-        self.tokenizer = TextTokenizer.from_file(tokenizer_file)
-        # Spoken as `csm say` speaks with the model being fine-tuned (its generation.json: top-k, numbers as words),
-        # one draw (no judge) for speed.
-        defaults = generation_defaults(cfg.init) if cfg.init else {}
-        self.defaults = {k: v for k, v in defaults.items() if k in ("temperature", "topk", "spell_numbers")}
-        self.codec = load_mimi(cfg.listen_codec, device=device)
-        try:
-            from ..metrics import Transcriber
-
-            self.transcriber = Transcriber()
-        except ImportError:
-            self.transcriber = None
-
-    @torch.no_grad()
-    def __call__(self, model: CSM, watch: Watch, step: int) -> dict:
-        from ..metrics import word_error_rate
-        from ..generate import Generator
-
-        was_training = model.training
-        # fuse=False: the model being trained must keep its parameters (fusing would swap them for new tensors the
-        # optimizer does not hold)
-        gen = Generator(model, self.tokenizer, self.codec, engine="eager", fuse=False)
-        gen.defaults.update(self.defaults)
-        errors, words = 0.0, 0
-        for i, line in enumerate(self.lines):
-            speech = gen.generate(line, speaker=0, seed=0, max_audio_length_ms=min(20_000, 1500 + 600 * len(line.split())))
-            wav = speech.audio.float().cpu()
-            caption = line
-            if self.transcriber is not None:
-                heard = self.transcriber(wav.numpy(), self.codec.sample_rate)
-                errors += word_error_rate(line, heard) * len(line.split())
-                words += len(line.split())
-                caption = f"{line}  \n*heard:* {heard}"
-            watch.audio(step, f"listen/{i}", wav, self.codec.sample_rate, caption)
-        model.train(was_training)
-        return {"listen_wer": errors / words} if words else {}
 
 
 def _log(out: Path, record: dict, watch: Watch) -> None:

@@ -3,7 +3,8 @@
     tensorboard --logdir runs/            # every run's out/tb: losses, learning rate, held-out loss, audio
     csm plot runs/NAME                    # runs/NAME/loss.png (also drawn when a run ends)
 
-Both trainers (`csm train`, `csm train-codec`) log through one `Watch`. TensorBoard is optional (`pip install
+Both trainers (`csm train`, `csm train-codec`) log through one `Watch`; `Listener` (csm train --listen) speaks a few
+held-out lines at each evaluation, into TensorBoard with Whisper's WER. TensorBoard is optional (`pip install
 tensorboard`, in the `train` extra): without it the run says so once and keeps its log.jsonl.
 """
 
@@ -120,3 +121,52 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+class Listener:
+    """Hear the model as it trains: held-out lines spoken at each evaluation, with Whisper's WER when it is there."""
+
+    def __init__(self, lines_file: str, n_lines: int, codec: str, tokenizer_file: Path, init: str | None,
+                 device: torch.device) -> None:
+        from ..evaluate import read_texts
+        from ..generate import generation_defaults
+        from ..mimi import load_mimi
+        from ..tokenizer import TextTokenizer
+
+        self.lines = read_texts(lines_file)[:n_lines]
+        self.tokenizer = TextTokenizer.from_file(tokenizer_file)
+        # Spoken as `csm say` speaks with the model being fine-tuned (`init`'s generation.json: top-k, numbers as
+        # words), one draw (no judge) for speed.
+        defaults = generation_defaults(init) if init else {}
+        self.defaults = {k: v for k, v in defaults.items() if k in ("temperature", "topk", "spell_numbers")}
+        self.codec = load_mimi(codec, device=device)
+        try:
+            from ..metrics import Transcriber
+
+            self.transcriber = Transcriber()
+        except ImportError:
+            self.transcriber = None
+
+    @torch.no_grad()
+    def __call__(self, model, watch: Watch, step: int) -> dict:
+        from ..metrics import word_error_rate
+        from ..generate import Generator
+
+        was_training = model.training
+        # fuse=False: the model being trained must keep its parameters (fusing would swap them for new tensors the
+        # optimizer does not hold)
+        gen = Generator(model, self.tokenizer, self.codec, engine="eager", fuse=False)
+        gen.defaults.update(self.defaults)
+        errors, words = 0.0, 0
+        for i, line in enumerate(self.lines):
+            speech = gen.generate(line, speaker=0, seed=0, max_audio_length_ms=min(20_000, 1500 + 600 * len(line.split())))
+            wav = speech.audio.float().cpu()
+            caption = line
+            if self.transcriber is not None:
+                heard = self.transcriber(wav.numpy(), self.codec.sample_rate)
+                errors += word_error_rate(line, heard) * len(line.split())
+                words += len(line.split())
+                caption = f"{line}  \n*heard:* {heard}"
+            watch.audio(step, f"listen/{i}", wav, self.codec.sample_rate, caption)
+        model.train(was_training)
+        return {"listen_wer": errors / words} if words else {}
