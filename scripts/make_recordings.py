@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.voice not in mc.UNSEEN_VOICES:
         p.error(f"--voice must be one of {', '.join(mc.UNSEEN_VOICES)}")
     voice = mc.UNSEEN_VOICES[args.voice]
-    mc.check_tools([0] if voice.engine == "piper" else [1])
+    mc.check_tools([0] if voice.engine == "piper" else [1])  # a corpus speaker of the same engine stands in
 
     heldout = mc.plan(args.heldout_seed, list(range(len(mc.VOICES))), 30_000, None, 20)[0]
     # ~3 s a line: plan twice the lines needed, then stop at --minutes
@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     total, files, parts = 0.0, 0, []
-    bar = tqdm(total=args.minutes * 60, desc=f"speaking as {voice.name}", bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s")
+    bar = tqdm(total=args.minutes * 60, desc=f"speaking as {voice.name}",
+               bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s")
 
     def flush() -> None:
         nonlocal files, parts

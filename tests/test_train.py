@@ -185,6 +185,32 @@ def test_prepare_cli(tmp_path, monkeypatch, capsys):
     assert "0 utterances encoded, 1 already done, 1 bad file(s) skipped" in capsys.readouterr().err
 
 
+def test_prepare_reads_numbers_as_the_tokenizers_model_does(tmp_path, monkeypatch, capsys):
+    """--tokenizer from a model whose generation.json spells numbers: the text is encoded with them as words (as
+    generation will give it), whether the tokenizer is named by its folder or its file; --no-spell-numbers not."""
+    from safetensors.torch import load_file
+
+    from csm.cli import main
+    from csm.tokenizer import TextTokenizer, train_tokenizer
+
+    monkeypatch.setattr(D, "load_codec", lambda source, device: FakeCodec())
+    (tmp_path / "clips").mkdir()
+    _write_wav(tmp_path / "clips" / "a.wav", 10, 0, 1)
+    (tmp_path / "clips" / "a.txt").write_text("It costs $18.")
+    model = tmp_path / "model"
+    model.mkdir()
+    train_tokenizer(["it costs eighteen dollars, $18."] * 4, vocab_size=300).save(model / "tokenizer.json")
+    (model / "generation.json").write_text('{"spell_numbers": true}')
+    cases = [(model, [], "eighteen dollars"), (model / "tokenizer.json", [], "eighteen dollars"),
+             (model, ["--no-spell-numbers"], "$18")]
+    for i, (tok, extra, want) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        assert main(["prepare", str(tmp_path / "clips"), "-o", str(out), "--codec", "fake", "--tokenizer", str(tok),
+                     "--no-progress", "--device", "cpu", *extra]) == 0
+        ids = load_file(str(out / "shard-00000.safetensors"))["0.text"].tolist()
+        assert want in TextTokenizer.from_file(out / "tokenizer.json").decode(ids)
+
+
 def test_frames_match_csm_frames(prepared, corpus):
     from csm.frames import Segment, conversation_frames
     from csm.tokenizer import TextTokenizer

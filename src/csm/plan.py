@@ -202,7 +202,8 @@ def _line_request(gen: Generator, line: str, i: int, speaker: int, context: list
                   max_audio_length_ms: float, temperature: float | None, topk: int | None,
                   seed: int | None) -> Request:
     """Sentence i's request: seed + i, and the previous sentence after the context if it fits."""
-    req = gen.request(line, speaker, context, max_audio_length_ms, temperature, topk, None if seed is None else seed + i)
+    line_seed = None if seed is None else seed + i
+    req = gen.request(line, speaker, context, max_audio_length_ms, temperature, topk, line_seed)
     if previous is not None:
         chained = replace(req, context=[*req.context, previous])
         if _has_room(gen, chained):  # else no room beside the given context: this sentence goes without it

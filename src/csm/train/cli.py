@@ -166,7 +166,8 @@ def _prepare(args: argparse.Namespace) -> int:
     if spell is None:  # as the model the tokenizer comes from reads text (the embedded voice: numbers as words)
         from ..generate import generation_defaults
 
-        spell = bool(args.tokenizer) and generation_defaults(args.tokenizer).get("spell_numbers", False)
+        model_dir = Path(args.tokenizer).parent if args.tokenizer and Path(args.tokenizer).is_file() else args.tokenizer
+        spell = bool(model_dir) and generation_defaults(model_dir).get("spell_numbers", False)
     report = prepare(args.input, out, codec, tokenizer, speaker=args.speaker, max_seconds=args.max_seconds,
                      shard_size=args.shard_size, progress=not args.no_progress, spell_numbers=spell)
     print(f"{out}: {report.encoded} utterances encoded, {report.already_done} already done, "
