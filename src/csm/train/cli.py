@@ -47,6 +47,8 @@ HELP = {
     "lora_targets": "which linears get LoRA adapters: attn, mlp, all, or names (attn.wq, mlp.w2, ...), optionally "
                     "after 'backbone:' or 'decoder:' to adapt one stack only",
     "device": "cpu / cuda (default: cuda if available; under torchrun cuda:LOCAL_RANK)",
+    "precision": "bf16 autocast for the matmuls (float32 weights and optimizer): auto = on CUDA and on CPUs with "
+                 "AMX; bf16; fp32",
     "fsdp": "under torchrun: shard the model with FSDP instead of replicating it with DDP",
     "progress": "show a progress bar",
     "tensorboard": "write TensorBoard events to OUT/tb: losses, learning rate, held-out loss, and with --listen the "
