@@ -55,8 +55,11 @@ class CausalLogMel(nn.Module):
         super().__init__()
         self.n_fft, self.hop = cfg.n_fft, cfg.ratios[-1]
         self.context = self.n_fft - self.hop
-        self.register_buffer("window", torch.hann_window(self.n_fft))
-        self.register_buffer("fb", mel_filterbank(self.n_fft, cfg.n_mels, cfg.sample_rate))
+        # On the CPU even under load_mimi's meta device: meta maths runs Python reference code that imports the
+        # compiler stack (~0.7 s of `csm say`'s start-up); the checkpoint's copies replace these values.
+        with torch.device("cpu"):
+            self.register_buffer("window", torch.hann_window(self.n_fft))
+            self.register_buffer("fb", mel_filterbank(self.n_fft, cfg.n_mels, cfg.sample_rate))
 
     def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         return torch.zeros(batch, 1, self.context, device=device, dtype=dtype)
@@ -132,7 +135,8 @@ class ISTFTDecoder(nn.Module):
                                      for _ in range(cfg.num_residual_layers)])
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.head = nn.Linear(width, self.n_fft + 2)  # log-magnitude and phase of n_fft // 2 + 1 bins
-        window = torch.hann_window(self.n_fft)
+        with torch.device("cpu"):  # as in CausalLogMel
+            window = torch.hann_window(self.n_fft)
         # Overlap-added Hann windows sum to n_fft / (2 hop) (2 for hop = n_fft / 4): divide it out.
         self.register_buffer("window", window * (2 * self.hop / self.n_fft))
 
