@@ -68,7 +68,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from csm.tokenizer import number_to_words  # the same words `csm eval` and spell_numbers read numbers as
+from csm.metrics import number_to_words  # the same words `csm eval` reads numbers as
 
 SAMPLE_RATE = 24_000
 

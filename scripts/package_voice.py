@@ -1,5 +1,6 @@
 """Package a trained voice into a model directory that `csm say --model DIR` (or, at src/csm/assets/voice, plain
-`csm say`) loads: CSM weights and codec stored in float16, the tokenizer, and a MODEL_CARD.md written from the
+`csm say`) loads: CSM weights and codec stored in float16 (or, with --int8, their big matrices as int8 rows), the
+tokenizer, and a MODEL_CARD.md written from the
 training logs, the corpus description and `csm eval` results.
 
     python scripts/package_voice.py --model runs/voice/step-004000 --codec runs/codec/step-004275 \\
@@ -11,10 +12,6 @@ a CSM fine-tuned from the packaged one just the CSM (adding the fine-tune's corp
 
     python scripts/package_voice.py --swap-codec runs/codec-ft/step-002000 --eval eval.json --out src/csm/assets/voice
     python scripts/package_voice.py --swap-model runs/ft/step-000400 --corpus data/new --out src/csm/assets/voice
-
-A judge (`csm train-judge`) goes in beside them, and generation.json's "best_of" says how many draws it picks from:
-
-    python scripts/package_voice.py --swap-judge runs/judge --best-of 4 --eval eval.json --out src/csm/assets/voice
 """
 
 from __future__ import annotations
@@ -28,11 +25,9 @@ import torch
 
 from csm.checkpoints import load_checkpoint, save_checkpoint
 from csm.generate import generation_defaults
-from csm.judge import load_judge, save_judge
 from csm.mimi import load_mimi
 from csm.mimi.weights import save_mimi
-from csm.train.judge import draws_files
-from csm.tokenizer import TextTokenizer, spoken_words
+from csm.tokenizer import TextTokenizer
 
 STORE = torch.float16  # 10 mantissa bits: finer than bf16 for the small weights of a tiny model
 
@@ -77,18 +72,6 @@ def corpus_speakers(corpora: list[tuple[Path, dict]]) -> dict[str, str]:
     return dict(sorted(speakers.items(), key=lambda kv: int(kv[0])))
 
 
-def corpus_vocabulary(corpora: list[tuple[Path, dict]]) -> list[str]:
-    """Every word of the corpora's training lines, sorted: the voice's vocabulary.txt."""
-    words: set[str] = set()
-    for path, _ in corpora:
-        manifest = path / "manifest.jsonl"
-        if manifest.is_file():
-            for line in manifest.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    words.update(spoken_words(json.loads(line)["text"]))
-    return sorted(words)
-
-
 def _fits_float16(model: torch.nn.Module, what: str) -> None:
     biggest = max(float(t.abs().max()) for t in model.state_dict().values() if t.is_floating_point())
     if biggest > 6e4:
@@ -107,28 +90,6 @@ def codec_lines(codec: torch.nn.Module, checkpoint: Path) -> list[str]:
     if last:
         lines.append(f"  Trained {last['step']} steps ({last.get('train_minutes', 0):.1f} min); held-out "
                      f"log-mel L1 {last['val_mel_l1']:.3f}.")
-    return lines
-
-
-def judge_lines(judge: torch.nn.Module, checkpoint: Path, best_of: int) -> list[str]:
-    """The card's judge bullet: its shape, its training from the run's log, and how generation uses it."""
-    lines = [f"- Judge: a CTC recogniser that reads codes (csm/judge.py), {sum(p.numel() for p in judge.parameters()) / 1e6:.1f} "
-             f"M parameters; each sentence is drawn {best_of} times and the draw it reads best is kept "
-             "(`generation.json` \"best_of\"; `csm say --best-of 1` turns it off)."]
-    log = checkpoint / "log.jsonl"  # csm train-judge writes the judge and its log into one folder
-    records = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
-    last = next((r for r in reversed(records) if "val_cer" in r and "train_utterances" in r), None)
-    if last:
-        cfg = last.get("config") or {}
-        draws = last.get("draws_files")
-        if draws is None:  # a log from before train-judge recorded them
-            draws = draws_files(str(cfg.get("data", "")))
-        what = "utterances' codes" + (f", with the voice's own draws from {len(draws)} judge_check.py files, each "
-                                      "labelled with what Whisper heard" if draws else "")
-        start = f", continued from {Path(cfg['init']).name}" if cfg.get("init") else ""
-        lines.append(f"  Trained {last['step']} steps ({last.get('minutes', 0):.1f} min{start}) on "
-                     f"{last.get('train_utterances')} {what}; on {last.get('held_out')} held-out utterances it reads "
-                     f"{100 * last['val_cer']:.1f} % of the characters wrong (best path).")
     return lines
 
 
@@ -186,11 +147,6 @@ def data_line(path: Path, corpus: dict) -> str:
             + ".")
 
 
-def vocabulary_line(out: Path) -> str:
-    return (f"Vocabulary: the {len((out / 'vocabulary.txt').read_text().split())} words of these lines "
-            "(`vocabulary.txt`; `csm say` warns about any other word, which the voice mumbles).")
-
-
 def card(args, model, codec, out: Path, corpora: list[tuple[Path, dict]]) -> str:
     lines = [
         "# The embedded voice",
@@ -205,8 +161,6 @@ def card(args, model, codec, out: Path, corpora: list[tuple[Path, dict]]) -> str
         "## Data",
     ]
     lines += [data_line(path, corpus) for path, corpus in corpora]
-    if (out / "vocabulary.txt").is_file():
-        lines += ["", vocabulary_line(out)]
     if corpora:
         lines += ["", "Speakers (`csm say --speaker N`; other ids are refused):"]
         lines += [f"- {i}: {d}" for i, d in corpus_speakers(corpora).items()]
@@ -230,7 +184,7 @@ def _packaged(out: Path) -> Path:
 
 def _rewrite_card(args, card_path: Path, bullet: str, new_bullet: list[str], data: list[str] = ()) -> None:
     """Replace the card's `bullet` block (e.g. "- Codec:") with `new_bullet`, append `data` lines to its Data
-    section, and, when given, its notes and scores; refresh its Vocabulary and Files lines."""
+    section, and, when given, its notes and scores; refresh its Files line."""
     out = card_path.parent
     lines = card_path.read_text().split("\n")
     start = next(i for i, line in enumerate(lines) if line.startswith(bullet))
@@ -250,7 +204,6 @@ def _rewrite_card(args, card_path: Path, bullet: str, new_bullet: list[str], dat
         lines[scores + 2] = scores_line(args.eval)
     files = next(i for i, line in enumerate(lines) if line.startswith("Files: "))
     lines[files] = files_line(out)
-    lines = [vocabulary_line(out) if line.startswith("Vocabulary: the ") else line for line in lines]
     card_path.write_text("\n".join(lines))
 
 
@@ -268,40 +221,10 @@ def swap_codec(args) -> None:
     print(f"wrote {out / 'codec'} and the card ({_mb(out):.1f} MB)")
 
 
-def swap_judge(args) -> None:
-    """--swap-judge: add (or replace) the judge of a packaged voice and set generation.json's "best_of"."""
-    out = Path(args.out)
-    card_path = _packaged(out)
-    judge = load_judge(args.swap_judge)
-    _fits_float16(judge, "the judge")
-    save_judge(judge, out, dtype=STORE)
-    path = out / "generation.json"
-    generation = json.loads(path.read_text()) if path.is_file() else {}
-    generation["best_of"] = args.best_of
-    path.write_text(json.dumps(generation) + "\n")
-    generation_defaults(out)  # checks the keys
-    lines = card_path.read_text().split("\n")
-    if not any(line.startswith("- Judge:") for line in lines):  # a first judge: its bullet goes after the codec's
-        codec = next(i for i, line in enumerate(lines) if line.startswith("- Codec:"))
-        end = next(i for i in range(codec + 1, len(lines)) if not lines[i].startswith("  "))
-        lines[end:end] = ["- Judge:"]
-        card_path.write_text("\n".join(lines))
-    _rewrite_card(args, card_path, "- Judge:", judge_lines(judge, Path(args.swap_judge), args.best_of))
-    _rewrite_generation_line(card_path, generation)
-    print(f"wrote {out / 'judge.safetensors'}, generation.json and the card ({_mb(out):.1f} MB)")
-
-
-def _rewrite_generation_line(card_path: Path, generation: dict) -> None:
-    shown = json.dumps({k: v for k, v in generation.items() if k != "speakers"})
-    lines = [f"- Generation defaults (`generation.json`, used by `csm say` unless overridden): {shown}."
-             if line.startswith("- Generation defaults") else line for line in card_path.read_text().split("\n")]
-    card_path.write_text("\n".join(lines))
-
-
 def swap_model(args) -> None:
     """--swap-model: a CSM fine-tuned from the packaged one (same shape, tokenizer and codec) replaces it. Rewrites
-    the weights, the card's CSM bullet, and adds the --corpus folders it was fine-tuned on to the card's Data and
-    their words to vocabulary.txt; the codec and the rest stay."""
+    the weights, the card's CSM bullet, and adds the --corpus folders it was fine-tuned on to the card's Data; the
+    codec and the rest stay."""
     out, checkpoint = Path(args.out), Path(args.swap_model)
     card_path = _packaged(out)
     corpora = read_corpora(args.corpus)
@@ -318,10 +241,6 @@ def swap_model(args) -> None:
         raise SystemExit(f"package_voice.py: {checkpoint} has another model config than {out}; package it with --model")
     _fits_float16(model, "the CSM")
     save_checkpoint(model, out, dtype=STORE, int8=args.int8)  # model.safetensors + config.json; the rest stays
-    vocabulary = out / "vocabulary.txt"
-    if corpora and vocabulary.is_file():
-        words = set(vocabulary.read_text().split()) | set(corpus_vocabulary(corpora))
-        vocabulary.write_text("".join(w + "\n" for w in sorted(words)))
     _rewrite_card(args, card_path, "- CSM:", model_lines(model, checkpoint), [data_line(p, c) for p, c in corpora])
     print(f"wrote {out / 'model.safetensors'} and the card ({_mb(out):.1f} MB)")
 
@@ -337,11 +256,7 @@ def main() -> None:
     what.add_argument("--swap-model", metavar="CSM",
                       help="only replace the CSM of the packaged voice at --out with this `csm train` checkpoint, "
                            "fine-tuned from it (same shape, tokenizer and codec); --corpus adds the fine-tune's data "
-                           "to the card and vocabulary.txt; --eval / --notes replace the card's scores / notes")
-    what.add_argument("--swap-judge", metavar="JUDGE",
-                      help="add or replace the judge of the packaged voice at --out with this `csm train-judge` "
-                           "output and set generation.json's best_of to --best-of")
-    p.add_argument("--best-of", type=int, default=4, help="with --swap-judge: draws per sentence (default 4)")
+                           "to the card; --eval / --notes replace the card's scores / notes")
     p.add_argument("--codec", help="a `csm train-codec` checkpoint directory (with --model)")
     p.add_argument("--out", required=True, help="model directory to write (replaced)")
     p.add_argument("--corpus", action="append", default=[],
@@ -358,8 +273,6 @@ def main() -> None:
         return swap_codec(args)
     if args.swap_model:
         return swap_model(args)
-    if args.swap_judge:
-        return swap_judge(args)
     if not args.codec:
         p.error("--model needs --codec")
     corpora = read_corpora(args.corpus)  # first, so that a wrong folder fails before any work
@@ -380,10 +293,6 @@ def main() -> None:
     if generation:
         (out / "generation.json").write_text(json.dumps(generation) + "\n")
         generation_defaults(out)  # checks the keys
-    # so that `csm say` can warn about words the voice never heard; a voice that reads phonemes has no such words
-    vocabulary = [] if TextTokenizer.from_file(out / "tokenizer.json").phonemes else corpus_vocabulary(corpora)
-    if vocabulary:
-        (out / "vocabulary.txt").write_text("".join(w + "\n" for w in vocabulary))
     (out / "MODEL_CARD.md").write_text(card(args, model, codec, out, corpora))
     print(f"wrote {out} ({_mb(out):.1f} MB)")
 

@@ -39,23 +39,6 @@ def test_say_end_to_end(tiny_ckpt, tmp_path):
     assert "frames" in res.stderr and "RTF" in res.stderr
 
 
-def test_say_warns_about_words_the_model_never_heard(tiny_ckpt, tmp_path):
-    """A model directory with a vocabulary.txt: `csm say` names the words outside it (numbers as the model reads
-    them) and still speaks; without the file it says nothing."""
-    import shutil
-
-    model = tmp_path / "voice"
-    shutil.copytree(tiny_ckpt, model)
-    (model / "vocabulary.txt").write_text("hello\nthere\nfive\n")
-    (model / "generation.json").write_text('{"spell_numbers": true}')
-    args = ["-m", "csm.cli", "say", "Hello there, 5 xylophones. Hello!", "--max-ms", "160", "--seed", "0", "--codec",
-            "none", "-o", str(tmp_path / "x.npy")]
-    res = run(sys.executable, *args, "--model", str(model))
-    assert "warning: the model never heard 1 of these words in training" in res.stderr
-    assert "mumble them: xylophones (it knows 3 words" in res.stderr and res.stdout.strip().endswith("x.npy")
-    assert "warning" not in run(sys.executable, *args, "--model", str(tiny_ckpt)).stderr
-
-
 def test_say_dialogue(tiny_ckpt, tmp_path):
     """--dialogue FILE: one 'SPEAKER: text' turn per line (comments and blank lines skipped), spoken in order, each
     in the context of the turns before it; a bad line is named by its number."""

@@ -15,7 +15,7 @@ import pytest
 from csm.evaluate import ItemResult, Report, add_subcommand, pair_wavs
 from csm.metrics import (best_reading, edit_distance, normalize_text, number_readings, reference_embeddings,
                          speaker_trial, word_error_rate)
-from csm.tokenizer import number_to_words
+from csm.metrics import number_to_words
 
 
 # --- normalisation -------------------------------------------------------------------------------------------------

@@ -252,12 +252,10 @@ def test_model_directory_generation_defaults(tokenizer, tmp_path):
     save_checkpoint(CSM(get_config("tiny")), tmp_path)
     tokenizer.save(tmp_path / "tokenizer.json")
     plain = load_generator(tmp_path, device="cpu")
-    assert plain.defaults == {"speaker": 0, "temperature": 0.9, "topk": 50, "max_words": 30, "spell_numbers": False,
-                              "best_of": 1}
+    assert plain.defaults == {"speaker": 0, "temperature": 0.9, "topk": 50, "max_words": 30}
     (tmp_path / "generation.json").write_text(json.dumps({"speaker": 2, "topk": 1, "max_words": 3}))
     gen = load_generator(tmp_path, device="cpu")
-    assert gen.defaults == {"speaker": 2, "temperature": 0.9, "topk": 1, "max_words": 3, "spell_numbers": False,
-                            "best_of": 1}
+    assert gen.defaults == {"speaker": 2, "temperature": 0.9, "topk": 1, "max_words": 3}
     spoken = []
     real = Generator.generate_batch
     gen.generate_batch = lambda reqs: spoken.extend(r.text for r in reqs) or real(gen, reqs)
@@ -273,9 +271,6 @@ def test_model_directory_generation_defaults(tokenizer, tmp_path):
         load_generator(tmp_path, device="cpu")
     (tmp_path / "generation.json").write_text(json.dumps({"max_words": 0}))
     with pytest.raises(ValueError, match="max_words"):
-        load_generator(tmp_path, device="cpu")
-    (tmp_path / "generation.json").write_text(json.dumps({"spell_numbers": "yes"}))
-    with pytest.raises(ValueError, match="spell_numbers"):
         load_generator(tmp_path, device="cpu")
 
 
@@ -318,28 +313,7 @@ def test_split_sentences():
     assert split_sentences("one two three four five.", max_words=10) == ["one two three four five."]
     with pytest.raises(ValueError, match="max_words"):
         split_sentences("hi", max_words=0)
-    # spelt out after the sentences are found ("No. 5" stays one sentence), before the cut (the limit counts the
-    # words spoken)
-    assert split_sentences("Is it No. 5? It is 621.", max_words=3, spell=True) == \
-        ["Is it No.", "five?", "It is six", "hundred twenty one."]
-
-
-@pytest.mark.parametrize("text, spoken", [
-    ("Meet at 3:30, not 7:00.", "Meet at three thirty, not seven o'clock."),
-    ("It costs $3.50, or $12 with tax.", "It costs three dollars and fifty cents, or twelve dollars with tax."),
-    ("$4.00 and 50% of 1,000 people", "four dollars and fifty percent of one thousand people"),
-    ("The 21st and 2nd, -5 degrees", "The twenty first and second, minus five degrees"),
-    ("Pi is 3.14, version 2.0.1.", "Pi is three point one four, version two point zero point one."),
-    ("Call 5551234 or 0621, room 621.", "Call five five five one two three four or zero six two one, room six hundred "
-                                        "twenty one."),
-    ("5kg of COVID19 in 10-20 days", "five kg of COVID nineteen in ten-twenty days"),
-    ("No digits: keep\n\nas is.", "No digits: keep\n\nas is."),
-])
-def test_spell_numbers(text, spoken):
-    from csm.tokenizer import spell_numbers
-
-    assert spell_numbers(text) == spoken
-    assert spell_numbers(spoken) == spoken  # nothing left to spell
+    assert split_sentences("Is it No. 5? It is 621.", max_words=3) == ["Is it No.", "5?", "It is 621."]
 
 
 def test_generate_long_speaks_sentence_by_sentence(tokenizer):
@@ -427,30 +401,3 @@ def test_generate_dialogue_speaks_each_turn_in_the_context_of_the_last(gen):
     with pytest.raises(ValueError, match="empty"):
         gen.generate_dialogue([(0, "hi."), (1, " ")], **kw)
 
-
-def test_spell_numbers_is_the_voices_choice(tokenizer, tmp_path):
-    """generation.json "spell_numbers": the line, each context turn and each sentence of a long text reach the model
-    with their numbers as words; without it the text is left as it is (CSM-1B reads digits itself)."""
-    import json
-
-    from csm.checkpoints import save_checkpoint
-    from csm.generate import load_generator
-
-    torch.manual_seed(0)
-    save_checkpoint(CSM(get_config("tiny")), tmp_path)
-    tokenizer.save(tmp_path / "tokenizer.json")
-    plain = load_generator(tmp_path, device="cpu")
-    (tmp_path / "generation.json").write_text(json.dumps({"spell_numbers": True}))
-    gen = load_generator(tmp_path, device="cpu")
-    ctx = [Segment(1, "Room 5?", torch.zeros(plain.num_codebooks, 2, dtype=torch.long))]
-    assert plain.request("At 3:30.", context=ctx).text == "At 3:30."
-    req = gen.request("At 3:30.", context=ctx)
-    assert req.text == "At three thirty." and req.context[0].text == "Room five?"
-    seen = []
-    real = Generator.generate_batch
-    gen.generate_batch = lambda reqs: seen.extend(reqs) or real(gen, reqs)
-    gen.generate_long("It is 5. No. 7 is 90210.", context=ctx, max_audio_length_ms=160, seed=0)
-    assert [r.text for r in seen] == ["It is five.", "No. seven is nine zero two one zero."]
-    assert all(r.context[0].text == "Room five?" for r in seen)
-    line = dict(max_audio_length_ms=480, seed=3)
-    assert torch.equal(gen.generate("7 up", 1, **line).codes, plain.generate("seven up", 1, **line).codes)

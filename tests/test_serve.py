@@ -245,12 +245,6 @@ def test_other_endpoints_and_malformed_http(server):
     assert resp.status == 400 and "not valid JSON" in json.loads(data)["error"]["message"]
 
 
-def test_words_the_model_never_heard_are_named(server, monkeypatch):
-    monkeypatch.setattr(server.service.gen, "vocabulary", frozenset({"hello", "how", "are"}))
-    resp, _ = _post(server, {**LINE, "response_format": "pcm"})
-    assert resp.status == 200 and resp.getheader("X-CSM-Unknown-Words") == "there,you"
-
-
 def test_a_client_that_hangs_up_frees_its_slot(server, monkeypatch):
     batcher, made = server.service.batcher, []
     emit = batcher._emit

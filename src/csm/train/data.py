@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 
 from ..frames import audio_frames
-from ..tokenizer import spell_numbers as spell
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 INDEX, META, ERRORS, TOKENIZER = "index.jsonl", "meta.json", "errors.jsonl", "tokenizer.json"
@@ -150,13 +149,8 @@ def prepare(
     shard_size: int = 256,
     load_audio: Callable[[Path, int], torch.Tensor] | None = None,
     progress: bool = True,
-    spell_numbers: bool = False,
 ) -> PrepareReport:
     """Encode every item of `source` (see read_items) with `codec` and `tokenizer` into `out_dir`.
-
-    spell_numbers: encode each text with its numbers as words (tokenizer.spell_numbers), as generation reads text
-    for a model whose generation.json asks for it, so that a fine-tune on Whisper's transcripts ("$18") sees what
-    the model will be given ("eighteen dollars").
 
     Re-running skips the items already in the index. Bad items (missing, unreadable, empty or longer than
     `max_seconds` audio, empty transcripts) are skipped, listed in errors.jsonl and counted in the report.
@@ -225,8 +219,7 @@ def prepare(
                 raise ValueError(f"codec gives {codes.shape[0]} codebooks; {out} holds {meta['num_codebooks']}")
             key = str(len(lines))
             tensors[f"{key}.codes"] = codes.to(torch.int16).contiguous()  # Mimi ids < 2048 fit int16: half the disk
-            text = spell(item.text) if spell_numbers else item.text
-            tensors[f"{key}.text"] = torch.tensor(tokenizer.encode(f"[{item.speaker}]{text}"), dtype=torch.int32)
+            tensors[f"{key}.text"] = torch.tensor(tokenizer.encode(f"[{item.speaker}]{item.text}"), dtype=torch.int32)
             lines.append({"id": item.id, "key": key, "audio": str(item.audio), "text": item.text,
                           "speaker": item.speaker, "conversation": item.conversation, "turn": item.turn,
                           "frames": int(codes.shape[1]), "seconds": round(seconds, 3)})

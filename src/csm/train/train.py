@@ -277,7 +277,7 @@ def save_training_checkpoint(
 
 # What makes a model directory speak beside its weights: a fine-tune of it speaks the same way (`csm say --model
 # runs/ft/step-N` finds its codec and defaults). Files are hard-linked where the file system allows.
-CARRIED = ("generation.json", "codec", "judge.json", "judge.safetensors")
+CARRIED = ("generation.json", "codec")
 
 
 def _carry_model_files(init: str | None, out: Path) -> None:

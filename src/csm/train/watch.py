@@ -135,10 +135,9 @@ class Listener:
 
         self.lines = read_texts(lines_file)[:n_lines]
         self.tokenizer = TextTokenizer.from_file(tokenizer_file)
-        # Spoken as `csm say` speaks with the model being fine-tuned (`init`'s generation.json: top-k, numbers as
-        # words), one draw (no judge) for speed.
+        # Spoken as `csm say` speaks with the model being fine-tuned (`init`'s generation.json: top-k, temperature).
         defaults = generation_defaults(init) if init else {}
-        self.defaults = {k: v for k, v in defaults.items() if k in ("temperature", "topk", "spell_numbers")}
+        self.defaults = {k: v for k, v in defaults.items() if k in ("temperature", "topk")}
         self.codec = load_mimi(codec, device=device)
         try:
             from ..metrics import Transcriber
