@@ -109,18 +109,19 @@ def test_decoder_only_finetune_keeps_codes(trained, tmp_path):
         train_codec(tiny_cfg(tmp_path / "y", init=str(tmp_path)), clips=clips)
 
 
-def test_init_from_packaged_codec(trained, tmp_path):
-    """--init also takes a packaged codec (save_mimi, float16, codebooks without EMA statistics, as the shipped
-    voice stores it): the decoder-only fine-tune then starts from exactly those weights and keeps its codes."""
+@pytest.mark.parametrize("int8", [False, True])
+def test_init_from_packaged_codec(trained, tmp_path, int8):
+    """--init also takes a packaged codec (save_mimi, float16 or int8 rows, codebooks without EMA statistics, as
+    the shipped voice stores it): the decoder-only fine-tune then starts from exactly those weights and keeps its
+    codes."""
+    from csm.checkpoints import load_state_dict_file
     from csm.mimi import save_mimi
 
     out, _, evals = trained
-    packed = save_mimi(load_mimi(out / "step-000040"), tmp_path / "packed", dtype=torch.float16)
+    packed = save_mimi(load_mimi(out / "step-000040"), tmp_path / "packed", dtype=torch.float16, int8=int8)
     start = load_mimi(packed)
     model = CodecModel(preset("tiny"))
-    from safetensors.torch import load_file
-
-    model.load_codec(load_file(str(packed / "model.safetensors")))
+    model.load_codec(load_state_dict_file(packed / "model.safetensors"))
     assert all(torch.equal(v, start.state_dict()[k]) for k, v in model.mimi.state_dict().items())
     assert torch.equal(model.semantic_books.codebooks(), start.quantizer.semantic.codebooks)
     train_codec(tiny_cfg(tmp_path / "ft", init=str(packed), decoder_only=True, steps=3, warmup_steps=1),

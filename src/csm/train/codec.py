@@ -318,9 +318,9 @@ def train_codec(cfg: CodecTrainConfig, *, clips: ClipSet | None = None, eval_cli
     torch.manual_seed(cfg.seed)
     model = CodecModel(mimi_cfg)
     if start_dir:
-        from safetensors.torch import load_file
+        from ..checkpoints import load_state_dict_file
 
-        weights = load_file(str(start_dir / WEIGHTS_FILE))
+        weights = load_state_dict_file(start_dir / WEIGHTS_FILE)  # a packaged codec's int8 rows come back as float32
         if resume_dir:  # our own checkpoint: the EMA state must be there and is restored exactly
             model.load_export(weights)
         else:
