@@ -387,12 +387,12 @@ def test_patience_keeps_the_best_checkpoint_and_stops(prepared, micro_config, tm
 
 def test_time_budget_stops_and_saves(prepared, micro_config, tmp_path):
     """--max-minutes stops early, saves that step with its training time, and the LR had started to decay by time."""
-    records = train(_cfg(prepared, tmp_path / "t", model_config=micro_config, steps=10_000, max_minutes=0.02,
+    records = train(_cfg(prepared, tmp_path / "t", model_config=micro_config, steps=10_000, max_minutes=0.1,
                          warmup_steps=1, save_every=0, log_every=1))
     last = records[-1]["step"]
     assert 1 < last < 10_000
     state = torch.load(tmp_path / "t" / f"step-{last:06d}" / "train_state.pt", weights_only=True)
-    assert state["step"] == last and state["train_seconds"] >= 0.02 * 60
+    assert state["step"] == last and state["train_seconds"] >= 0.1 * 60
     lrs = [r["lr"] for r in records if "lr" in r]
     assert lrs[-1] < lrs[1]  # the cosine followed the time budget, not the 10,000 steps
 
