@@ -22,10 +22,11 @@ import time
 
 import torch
 
-LINES = [
-    "I think dinner is at seven.", "We could meet at the station.", "The museum closes at five thirty today.",
-    "Can you call me back this evening?", "The train to the city leaves at nine.", "I left my keys in the kitchen.",
-    "Let us take a walk in the park.", "The weather will be warm tomorrow.",
+LINES = [  # ten words each: the first-audio target is for a 10-word line
+    "I think dinner will be ready at seven this evening.", "We could meet at the station and walk from there.",
+    "The museum closes at five thirty today, so come early.", "Can you call me back this evening after the meeting?",
+    "The train to the city leaves at nine every morning.", "I left my keys in the kitchen by the bread.",
+    "Let us take a walk in the park after lunch.", "The weather will be warm and sunny again tomorrow afternoon.",
 ]
 
 
@@ -45,7 +46,7 @@ def one_request(address, body: dict, out: dict) -> None:
 def run(gen, slots: int, clients: int, max_ms: float = 10_000) -> dict:
     from csm.serve.server import make_server
 
-    server = make_server(gen, port=0, slots=slots, quiet=True)
+    server = make_server(gen, port=0, slots=slots, max_waiting=clients, quiet=True)  # every client admitted
     threading.Thread(target=server.serve_forever, daemon=True).start()
     results = [{} for _ in range(clients)]
     bodies = [{"input": LINES[i % len(LINES)], "response_format": "pcm", "seed": i, "max_audio_length_ms": max_ms}

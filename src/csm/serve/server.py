@@ -359,7 +359,7 @@ def make_server(gen: Generator, host: str = "127.0.0.1", port: int = 8000, *, sl
     """A ready server with its batcher started and warmed up. `serve_forever()` runs it; `shutdown()` then
     `server.service.batcher.close()` stop it."""
     waiting = 2 * slots if max_waiting is None else max_waiting
-    batcher = Batcher(gen, slots=slots, max_waiting=waiting).start()  # counts draws, as admission does
+    batcher = Batcher(gen, slots=slots, max_waiting=waiting).start()
     service = SpeechService(gen, batcher, voices=voices, model_name=model_name, chunk_frames=chunk_frames)
     server = SpeechServer(create_app(service, api_key=api_key, max_waiting=waiting, quiet=quiet), service, host,
                           port, quiet=quiet)
