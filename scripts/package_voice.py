@@ -127,7 +127,8 @@ def model_lines(model: torch.nn.Module, checkpoint: Path) -> list[str]:
     if state.is_file():
         run = torch.load(state, weights_only=True)
         cfg = run["config"]
-        lines.append(f"  Last run: `--data {cfg['data']}`, `--init {cfg['init']}`, lr {cfg['lr']:g} → {cfg['min_lr']:g}, "
+        start = f"`--init {cfg['init']}`" if cfg.get("init") else "from scratch"
+        lines.append(f"  Last run: `--data {cfg['data']}`, {start}, lr {cfg['lr']:g} → {cfg['min_lr']:g}, "
                      f"batch {cfg['batch_size']} × {cfg['seq_len']} frames, decoder on 1/{cfg['amortization']} of the "
                      f"frames, `--code-noise {cfg.get('code_noise', 0.0):g}`, {run['train_seconds'] / 60:.0f} min.")
     return lines
