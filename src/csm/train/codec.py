@@ -276,8 +276,9 @@ def training_step(model: CodecModel, wav: Tensor, cfg: CodecTrainConfig, step: i
     mel = mel_loss(recon, wav)
     wav_l1 = F.l1_loss(recon, wav)
     loss = cfg.mel_weight * mel + cfg.wav_weight * wav_l1 + cfg.commit_weight * out["commit"]
-    metrics = {"mel_loss": mel.item(), "wav_l1": wav_l1.item(), "commit": out["commit"].item(),
-               "replaced": int(out["replaced"])}
+    metrics = {"mel_loss": mel.item(), "wav_l1": wav_l1.item()}
+    if codes is None and not cfg.decoder_only:  # a frozen quantizer has no commitment loss and replaces no codes
+        metrics.update(commit=out["commit"].item(), replaced=int(out["replaced"]))
     if disc is not None and step >= cfg.adv_start:
         adv, feat = generator_adv_losses(disc, wav, recon)
         loss = loss + cfg.adv_weight * adv + cfg.feat_weight * feat

@@ -329,11 +329,12 @@ def evaluate(module: nn.Module, corpus: Corpus, batches: list[list[list[int]]], 
     module.eval()
     k = module.model.cfg.audio_num_codebooks
     sums = [0.0, 0.0, 0.0, 0.0]
+    bf16 = uses_bf16(device, cfg.precision)
     for i in range(d.rank, math.ceil(len(batches) / d.world) * d.world, d.world):
         batch = collate(corpus, batches[i if i < len(batches) else 0])
         n = int(audio_targets(batch.mask, k).sum())
         idx = decoder_frames(n, cfg.amortization, _step_generator(cfg.seed, -1, i))
-        with _autocast(device, cfg.precision):
+        with _autocast(device, bf16):
             loss, c0, dec = module(*_inputs(batch.to(device)), idx.to(device))
         n = n if i < len(batches) else 0
         sums = [sums[0] + n * loss.item(), sums[1] + n * c0.item(), sums[2] + n * dec.item(), sums[3] + n]
@@ -355,13 +356,13 @@ def uses_bf16(device: torch.device, precision: str) -> bool:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if precision == "auto":  # without AMX a CPU emulates bf16 matmuls, slower than float32
-        return device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_amx_tile_supported())
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)  # private: absent from older torch
+        return device.type == "cuda" or (device.type == "cpu" and amx())
     return precision == "bf16"
 
 
-def _autocast(device: torch.device, precision: str):
-    return (torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(device, precision)
-            else contextlib.nullcontext())
+def _autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 # --- data, model setup -------------------------------------------------------------------------------------------
@@ -535,7 +536,7 @@ def train(cfg: TrainConfig) -> list[dict]:
             if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
                 module.set_requires_gradient_sync(last)
             with sync:
-                with _autocast(device, cfg.precision):
+                with _autocast(device, bf16):
                     loss, c0, dec = module(*_inputs(batch.to(device)), idx.to(device),
                                            None if noisy is None else noisy.to(device))
                 (loss / cfg.grad_accum).backward()

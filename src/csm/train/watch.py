@@ -100,8 +100,7 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
     if not log.is_file():
         raise FileNotFoundError(f"{log}: no log.jsonl (a csm train / csm train-codec output folder?)")
     records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
-    # a curve that is zero throughout (the commitment loss of a decoder-only codec run) says nothing
-    panels = [(title, [k for k in keys if any(r.get(k) not in (None, 0) for r in records)]) for title, keys in _PANELS]
+    panels = [(title, [k for k in keys if any(k in r for r in records)]) for title, keys in _PANELS]
     panels = [(title, keys) for title, keys in panels if keys]
     if not panels:
         raise ValueError(f"{log}: nothing to plot")
