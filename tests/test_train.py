@@ -16,7 +16,7 @@ from csm.model import CSM
 from csm.tokenizer import train_tokenizer
 from csm.train import data as D
 from csm.train.lora import apply_lora
-from csm.train.train import CSMLoss, TrainConfig, train
+from csm.train.train import CSMLoss, TrainConfig, lr_at, train
 
 K = 4  # codebooks of the fake codec and the micro model
 MICRO = CSMConfig(
@@ -351,6 +351,18 @@ def test_loss_decreases_via_cli(prepared, micro_config, tmp_path):
     assert {"lr", "grad_norm", "frames_per_s", "c0_loss", "decoder_loss"} <= set(log[0])
     model, _ = load_checkpoint(out / "step-000040")
     assert model.cfg == MICRO and (out / "step-000040" / "tokenizer.json").is_file()
+
+
+def test_warmup_stable_decay_holds_then_cools_to_min_lr():
+    # 10 warmup steps, constant 1e-3 until step 80, then half a cosine period down to 1e-4 at step 100.
+    cfg = TrainConfig(data="", out="", steps=100, lr=1e-3, min_lr=1e-4, warmup_steps=10, decay_steps=20)
+    assert lr_at(cfg, 4) == pytest.approx(5e-4)
+    assert lr_at(cfg, 50) == lr_at(cfg, 80) == pytest.approx(1e-3)
+    assert lr_at(cfg, 50, time_fraction=0.9) == pytest.approx(1e-3)  # a time budget does not cut the plateau
+    assert lr_at(cfg, 90) == pytest.approx(5.5e-4)  # halfway down: the mean of peak and floor
+    assert lr_at(cfg, 100) == lr_at(cfg, 150) == pytest.approx(1e-4)
+    plain = TrainConfig(data="", out="", steps=100, lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    assert lr_at(plain, 55) == pytest.approx(5.5e-4)  # without it: one cosine from warmup's end to --steps
 
 
 def test_resume_gives_the_same_losses(prepared, micro_config, tmp_path):

@@ -113,6 +113,7 @@ class CodecTrainConfig:
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 100
+    decay_steps: int = 0  # >0: constant lr, cosine to min_lr over the last N steps only (see lr_at)
     weight_decay: float = 0.01
     beta1: float = 0.8
     beta2: float = 0.99

@@ -64,6 +64,7 @@ class TrainConfig:
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup_steps: int = 100
+    decay_steps: int = 0  # >0: constant lr, cosine to min_lr over the last N steps only (warmup-stable-decay)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -141,10 +142,16 @@ class CSMLoss(nn.Module):
 
 def lr_at(cfg, step: int, time_fraction: float = 0.0) -> float:
     """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at cfg.steps (or, with a time budget, when that is
-    spent: progress is the larger of the two fractions). Shared by the CSM and codec trainers."""
+    spent: progress is the larger of the two fractions). With cfg.decay_steps (warmup-stable-decay) the rate holds
+    at cfg.lr and the cosine runs over the last decay_steps steps only: a long run at constant rate can branch a
+    cooldown (resume a checkpoint into another --out) whenever a model is wanted, and go on from where it branched.
+    Shared by the CSM and codec trainers."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, max(time_fraction, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)))
+    if cfg.decay_steps:
+        progress = min(1.0, max(0.0, (step - (cfg.steps - cfg.decay_steps)) / cfg.decay_steps))
+    else:
+        progress = min(1.0, max(time_fraction, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)))
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
