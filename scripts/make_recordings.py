@@ -9,7 +9,8 @@ measured on a voice the embedded model has never heard:
 Writes OUT/recordings/talk_NNN.wav (24 kHz mono, each about --file-seconds long: a conversation's lines read one
 after another, 0.5-1.2 s of silence between them) and OUT/heldout.txt: the held-out sentences of make_corpus.py's
 seed-1 corpus (the embedded voice's test set, never trained on), which the recordings never contain, to speak
-before and after the fine-tune. The recordings' sentences come from the same template grammar (--seed).
+before and after the fine-tune. The recordings' sentences come from the same text as that corpus (--text: the
+fortunes of the phoneme voice's corpus, or the first voice's template grammar) in another order (--seed).
 """
 
 from __future__ import annotations
@@ -35,15 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=9, help="seed of the recordings' text plan (default 9)")
     p.add_argument("--heldout-seed", type=int, default=1,
                    help="make_corpus.py seed whose 20 held-out sentences go to heldout.txt (default 1)")
+    p.add_argument("--text", choices=["open", "grammar"], default="open",
+                   help="what the recordings say: fortunes sentences (as make_corpus.py --text open, the embedded "
+                        "voice's corpus) or the template grammar (default open)")
     args = p.parse_args(argv)
     if args.voice not in mc.UNSEEN_VOICES:
         p.error(f"--voice must be one of {', '.join(mc.UNSEEN_VOICES)}")
     voice = mc.UNSEEN_VOICES[args.voice]
     mc.check_tools([0] if voice.engine == "piper" else [1])  # a corpus speaker of the same engine stands in
 
-    heldout = mc.plan(args.heldout_seed, list(range(len(mc.VOICES))), 30_000, None, 20)[0]
+    heldout = mc.plan(args.heldout_seed, list(range(len(mc.VOICES))), 0, None, 20, text=args.text)[0]
     # ~3 s a line: plan twice the lines needed, then stop at --minutes
-    _, utts, _ = mc.plan(args.seed, [0], int(args.minutes * 60 / 3 * 2), None, 0, exclude=set(heldout))
+    _, utts, _ = mc.plan(args.seed, [0], int(args.minutes * 60 / 3 * 2), None, 0, exclude=set(heldout),
+                         text=args.text)
     (args.out / "recordings").mkdir(parents=True, exist_ok=True)
     (args.out / "heldout.txt").write_text("".join(t + "\n" for t in heldout))
 
