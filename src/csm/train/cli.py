@@ -18,8 +18,9 @@ SCHEDULE_HELP = {
     "save_every": "checkpoint every N steps (0: at the end only)",
     "keep_checkpoints": "keep only the newest N checkpoints (0: all)",
     "decay_steps": "warmup-stable-decay: hold the peak rate and run the cosine over the last N steps before "
-                   "--steps only (0: cosine over the whole run); to cool a long run down for a model to ship, resume "
-                   "one of its checkpoints into another --out with --steps STEP+N --decay-steps N",
+                   "--steps only, and --max-minutes only stops the run (0: cosine over the whole run); to cool a long "
+                   "run down for a model to ship, resume one of its checkpoints into another --out with "
+                   "--steps STEP+N --decay-steps N",
 }
 
 HELP = {
