@@ -397,6 +397,20 @@ def test_patience_keeps_the_best_checkpoint_and_stops(prepared, micro_config, tm
     assert state["best"] == {"loss": 2.0, "stale": 2}
 
 
+def test_eval_only_measures_a_checkpoint_as_training_did(prepared, micro_config, tmp_path):
+    records = train(_cfg(prepared, tmp_path / "a", model_config=micro_config, steps=4, save_every=4, eval_every=4,
+                         eval_fraction=0.3))
+    seen = [r["eval_loss"] for r in records if "eval_loss" in r][-1]
+    for how in ({"init": str(tmp_path / "a" / "step-000004")}, {"resume": str(tmp_path / "a" / "step-000004")}):
+        out = tmp_path / ("e-" + next(iter(how)))
+        only = train(_cfg(prepared, out, model_config=None, steps=4, eval_fraction=0.3, eval_only=True, **how))
+        assert len(only) == 1 and only[0]["eval_loss"] == pytest.approx(seen, rel=1e-5)
+        assert json.loads((out / "eval.json").read_text())["eval_loss"] == only[0]["eval_loss"]
+        assert not list(out.glob("step-*"))  # nothing trained, nothing saved
+    untrained = train(_cfg(prepared, tmp_path / "r", model_config=micro_config, eval_fraction=0.3, eval_only=True))
+    assert untrained[0]["eval_loss"] > seen
+
+
 def test_time_budget_stops_and_saves(prepared, micro_config, tmp_path):
     """--max-minutes stops early, saves that step with its training time, and the LR had started to decay by time."""
     records = train(_cfg(prepared, tmp_path / "t", model_config=micro_config, steps=10_000, max_minutes=0.1,

@@ -31,6 +31,8 @@ HELP = {
     "init": "start from this checkpoint (directory, weights file or hub id)",
     "patience": "early stopping: save every evaluation that lowers the held-out loss (OUT/best links to the lowest) "
                 "and stop after N evaluations without one (0: off); for fine-tunes on minutes of audio",
+    "eval_only": "only measure the held-out loss of --init or --resume on --eval-data (the same batches as in "
+                 "training), print it and write OUT/eval.json; nothing is trained",
     "preset": "start from a random model of this preset (e.g. tiny, csm-1b)",
     "model_config": "start from a random model with this CSMConfig JSON file",
     "eval_data": "held-out prepared directory, or several comma-separated (default: --eval-fraction of the "

@@ -96,6 +96,7 @@ class TrainConfig:
     # evaluations in a row without a lower loss end the run. For fine-tunes on a few minutes of audio, which
     # memorise their lines within a few hundred steps. 0: off.
     patience: int = 0
+    eval_only: bool = False  # only measure the held-out loss of init / resume, into out/eval.json
     progress: bool = True  # a progress bar on stderr
     tensorboard: bool = True  # TensorBoard events in out/tb
     # At each evaluation, speak the first listen_lines lines of this text file (speaker 0, seed 0) through
@@ -501,6 +502,16 @@ def train(cfg: TrainConfig) -> list[dict]:
               f"frames skipped); {n_batches} batches per epoch; {d.world} process(es) on {device}, "
               f"{'bf16 autocast' if bf16 else 'float32'}"
               + (f"; resuming at step {step} from {resume_dir}" if resume_dir else ""), flush=True)
+
+    if cfg.eval_only:
+        if not eval_batches:
+            raise ValueError("--eval-only needs held-out data: --eval-data or --eval-fraction > 0")
+        record = {"step": step, "checkpoint": str(resume_dir or cfg.init or "random init"),
+                  **evaluate(module, eval_corpus, eval_batches, cfg, d, device)}
+        if d.main:
+            (out / "eval.json").write_text(json.dumps(record, indent=1) + "\n")
+            print(json.dumps(record), flush=True)
+        return [record]
 
     records: list[dict] = []
     watch = Watch(out, cfg.steps, step, "train", cfg.progress, cfg.tensorboard, enabled=d.main)
