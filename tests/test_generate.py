@@ -241,31 +241,6 @@ def test_fused_projections_keep_the_maths_and_save_unfused(tokenizer, tmp_path):
         assert torch.equal(v, reference[k]), k
 
 
-def test_a_cooler_decoder_leaves_codebook_0_and_sharpens_the_rest():
-    """temperature rows [codebook 0's, the decoder's]: near zero for the decoder, codebooks 1..K-1 become the
-    greedy path whatever their noise, while codebook 0 is drawn exactly as before from its own noise."""
-    from csm.engine import FrameStep
-
-    torch.manual_seed(0)
-    model = CSM(get_config("tiny")).eval()
-    step = FrameStep(model, model.backbone.new_cache(2), model.decoder.new_cache(2), static=False)
-    h = torch.randn(2, model.cfg.backbone.dim)
-    k, v = model.cfg.audio_num_codebooks, model.cfg.audio_vocab_size
-    topk = torch.tensor([[50], [50]])
-
-    def frame(temperatures, noise_seed: int) -> torch.Tensor:
-        noise = torch.empty(2, k, v).exponential_(1, generator=torch.Generator().manual_seed(noise_seed))
-        noise[:, 0] = torch.empty(2, v).exponential_(1, generator=torch.Generator().manual_seed(0))  # same c0 noise
-        with torch.no_grad():
-            return step.frame_from_hidden(h, noise, torch.tensor(temperatures), topk, 50)
-
-    warm = [frame([[1.0, 1.0]] * 2, s) for s in (1, 2)]
-    cool = [frame([[1.0, 1e-4]] * 2, s) for s in (1, 2)]
-    assert all(torch.equal(f[:, 0], warm[0][:, 0]) for f in warm + cool)  # codebook 0 untouched
-    assert not torch.equal(warm[0][:, 1:], warm[1][:, 1:])  # a warm decoder follows its noise
-    assert torch.equal(cool[0], cool[1])  # a cold one does not: it takes the likeliest code
-
-
 def test_model_directory_generation_defaults(tokenizer, tmp_path):
     """generation.json in a model directory sets speaker / temperature / topk for calls that leave them unset."""
     import json
@@ -291,15 +266,6 @@ def test_model_directory_generation_defaults(tokenizer, tmp_path):
     line = dict(max_audio_length_ms=480, seed=3)
     assert torch.equal(gen.generate("hello", **line).codes, plain.generate("hello", 2, topk=1, **line).codes)
     assert torch.equal(gen.generate("hello", 1, topk=50, **line).codes, plain.generate("hello", 1, **line).codes)
-    assert gen.prepare(gen.request("hello", temperature=0.8)).decoder_temperature == 0.8  # no scale: the same
-    (tmp_path / "generation.json").write_text(json.dumps({"temperature": 0.6, "decoder_temperature_scale": 0.5}))
-    cool_gen = load_generator(tmp_path, device="cpu")
-    cooled = cool_gen.prepare(cool_gen.request("hello"))
-    assert (cooled.temperature, cooled.decoder_temperature) == (0.6, 0.3)
-    for bad in (0, -1, "0.5", True):
-        (tmp_path / "generation.json").write_text(json.dumps({"decoder_temperature_scale": bad}))
-        with pytest.raises(ValueError, match="decoder_temperature_scale"):
-            load_generator(tmp_path, device="cpu")
     (tmp_path / "generation.json").write_text(json.dumps({"top_k": 5}))
     with pytest.raises(ValueError, match="unknown keys"):
         load_generator(tmp_path, device="cpu")

@@ -48,9 +48,7 @@ REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("decoder_scale", [1.0, 0.3])
-def test_batched_requests_joining_at_any_frame_equal_their_runs_alone(gen, decoder_scale, monkeypatch):
-    monkeypatch.setitem(gen.defaults, "decoder_temperature_scale", decoder_scale)  # each row keeps its temperatures
+def test_batched_requests_joining_at_any_frame_equal_their_runs_alone(gen):
     alone = [gen.generate_batch([r])[0].codes for r in REQUESTS]
     assert {a.shape[1] for a in alone} != {0}
     b = Batcher(gen, slots=2)

@@ -71,7 +71,6 @@ class Prepared:
     budget: int  # most frames to generate
     topk: int  # 1 = greedy
     temperature: float  # > 0
-    decoder_temperature: float  # > 0, for codebooks 1..K-1 (a small model speaks clearer with a cooler decoder)
     rng: torch.Generator  # the request's own: its draws do not depend on what it is batched with
     noise_shape: tuple[int, int]  # (codebooks, audio vocab)
 
@@ -120,17 +119,16 @@ class FrameStep(nn.Module):
 
     def frame_from_hidden(self, h, noise, temperature, topk, max_topk: int):
         """h [B, dim] (the backbone's last hidden state) -> codes [B, K]: codebook 0 from the backbone head,
-        then the decoder fills codebooks 1..K-1 one by one (its cache is rewritten from position 0). temperature
-        [B, 2]: codebook 0's, then the decoder's."""
+        then the decoder fills codebooks 1..K-1 one by one (its cache is rewritten from position 0)."""
         m = self.model
-        code = sample_topk(m.codebook0_head(h), topk, temperature[:, :1], noise[:, 0], max_topk)
+        code = sample_topk(m.codebook0_head(h), topk, temperature, noise[:, 0], max_topk)
         codes = [code]
         x = torch.cat([h[:, None], m.embed_audio(0, code)], dim=1)  # decoder positions 0 (h) and 1 (c0)
         pos = torch.arange(2, device=h.device).expand(h.shape[0], 2)
         for i in range(1, m.cfg.audio_num_codebooks):
             kv_len = m.cfg.decoder.max_seq_len if self.static else i + 1
-            code, x = self.decoder_step(x, pos, self.codebooks[i], self.heads[i], noise[:, i], temperature[:, 1:],
-                                        topk, max_topk, kv_len)
+            code, x = self.decoder_step(x, pos, self.codebooks[i], self.heads[i], noise[:, i], temperature, topk,
+                                        max_topk, kv_len)
             codes.append(code)
             pos = pos[:, -1:] + 1
         return torch.cat(codes, dim=1)
@@ -177,9 +175,9 @@ class _CUDAGraph:
 
 
 def sampling_rows(prepared: Sequence[Prepared], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The requests' top-k [B, 1] and temperatures [B, 2] (codebook 0, decoder), as the frame step takes them."""
+    """The requests' top-k [B, 1] and temperature [B, 1], as the frame step takes them."""
     return (torch.tensor([[p.topk] for p in prepared], device=device),
-            torch.tensor([[p.temperature, p.decoder_temperature] for p in prepared], device=device))
+            torch.tensor([[p.temperature] for p in prepared], device=device))
 
 
 def frame_step_fns(model: CSM, engine: str, backbone_cache: nn.ModuleList,
@@ -263,10 +261,9 @@ class Engine:
         return max_frames
 
     def prepare(self, tokens: torch.Tensor, mask: torch.Tensor, max_audio_length_ms: float, temperature: float,
-                topk: int, seed: int | None, decoder_temperature_scale: float = 1.0) -> Prepared:
+                topk: int, seed: int | None) -> Prepared:
         """Prompt frames (tokens [S, K + 1] long, mask [S, K + 1] bool) made ready to run: the frame budget, the
-        sampling settings and the request's own random generator. The decoder (codebooks 1..K-1) samples at
-        temperature x decoder_temperature_scale. ValueError on bad input."""
+        sampling settings and the request's own random generator. ValueError on bad input."""
         width = self.num_codebooks + 1
         if tokens.ndim != 2 or tokens.shape[1] != width or tokens.shape != mask.shape or len(tokens) == 0:
             raise ValueError(f"prompt frames must be tokens and mask of the same shape [S >= 1, {width}], "
@@ -276,9 +273,8 @@ class Engine:
         rng.manual_seed(seed) if seed is not None else rng.seed()
         # Greedy requests (temperature <= 0) become top-1; temperature then only needs to be positive.
         greedy = temperature <= 0
-        t = 1.0 if greedy else float(temperature)
-        return Prepared(tokens.long().cpu(), mask.bool().cpu(), budget, 1 if greedy else max(1, topk), t,
-                        t * decoder_temperature_scale, rng,
+        return Prepared(tokens.long().cpu(), mask.bool().cpu(), budget, 1 if greedy else max(1, topk),
+                        1.0 if greedy else float(temperature), rng,
                         (self.num_codebooks, self.model.cfg.audio_vocab_size))
 
     def prefill(self, prepared: Sequence[Prepared], cache: nn.ModuleList) -> torch.Tensor:

@@ -29,12 +29,9 @@ __all__ = ["FRAME_MS", "ContextTooLongError", "Generator", "Request", "Speech", 
 # Sampling defaults (Sesame's), and the longest line generate_long speaks in one piece (ours: ~10 s of speech, the
 # default budget); a model directory may override them with a generation.json (see load_generator).
 DEFAULTS = {"speaker": 0, "temperature": 0.9, "topk": 50, "max_words": 30}
-# A model may also cool its audio decoder (codebooks 1..K-1 sample at temperature x this): a property of the model,
-# not of a request, so it is read from generation.json only.
-DECODER_SCALE = "decoder_temperature_scale"
 # generation.json may also list the speaker ids the model was trained on ({"speakers": {"0": "description", ...}}):
 # with such a list an unknown id is an error, not an untrained voice.
-GENERATION_KEYS = (*DEFAULTS, DECODER_SCALE, "speakers")
+GENERATION_KEYS = (*DEFAULTS, "speakers")
 
 
 class Codec(Protocol):
@@ -112,7 +109,7 @@ class Generator:
         tokens, mask = (self.prompt_frames(request.text, request.speaker, request.context) if request.frames is None
                         else request.frames)
         return self.engine.prepare(tokens, mask, request.max_audio_length_ms, request.temperature, request.topk,
-                                   request.seed, self.defaults.get(DECODER_SCALE, 1.0))
+                                   request.seed)
 
     def prompt_frames(self, text: str, speaker: int, context: Sequence[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
         """The frames the backbone reads before speaking: every context segment, then the line's text."""
@@ -287,8 +284,8 @@ def load_generator(
 
 def generation_defaults(source: str | os.PathLike) -> dict:
     """The defaults a model directory recommends in generation.json ({"speaker", "temperature", "topk",
-    "max_words", "decoder_temperature_scale"}, all optional), e.g. the embedded voice, whose tiny model speaks more
-    clearly with a small top-k and a cooler decoder; {} if none. "speakers" ({"id": "description"}), if present, comes back as {int id: description}."""
+    "max_words"}, all optional), e.g. the embedded voice, whose tiny model speaks more clearly with a small top-k;
+    {} if none. "speakers" ({"id": "description"}), if present, comes back as {int id: description}."""
     import json
 
     from .hub import ModelFilesNotFound, find_files
@@ -307,9 +304,6 @@ def generation_defaults(source: str | os.PathLike) -> dict:
     n = found.get("max_words", 1)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f'{path}: "max_words" must be a positive integer, got {n!r}')
-    scale = found.get(DECODER_SCALE, 1.0)
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale <= 10:
-        raise ValueError(f'{path}: "{DECODER_SCALE}" must be a number in (0, 10], got {scale!r}')
     if "speakers" in found:
         listed = found["speakers"]
         try:

@@ -76,7 +76,7 @@ class Batcher:
         self.positions = [0] * slots  # where each slot's next frame goes in its cache row
         self.remaining = [0] * slots  # frames each slot may still emit
         self.topk = torch.ones(slots, 1, dtype=torch.long, device=dev)
-        self.temperature = torch.ones(slots, 2, device=dev)  # codebook 0's, the decoder's
+        self.temperature = torch.ones(slots, 1, device=dev)
         self._steps: dict[int, tuple] = {}  # rows stepped -> frame_step_fns
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
@@ -212,7 +212,7 @@ class Batcher:
         for j, (i, job) in enumerate(admitted):
             p = job.prepared
             self.jobs[i], self.positions[i], self.remaining[i] = job, lengths[j], p.budget
-            self.topk[i], self.temperature[i], self.frame[i] = p.topk, temperature[j], first[j]
+            self.topk[i], self.temperature[i], self.frame[i] = p.topk, p.temperature, first[j]
             self._emit(i, first_cpu[j])
 
     def _emit(self, i: int, frame: torch.Tensor) -> None:
