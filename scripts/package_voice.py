@@ -127,7 +127,12 @@ def model_lines(model: torch.nn.Module, checkpoint: Path) -> list[str]:
     if state.is_file():
         run = torch.load(state, weights_only=True)
         cfg = run["config"]
-        start = f"`--init {cfg['init']}`" if cfg.get("init") else "from scratch"
+        start, origin = [], cfg
+        while origin.get("resume") and (Path(origin["resume"]) / "train_state.pt").is_file():  # a branch (cooldown)
+            start.append(f"resumed from `{origin['resume']}`")
+            origin = torch.load(Path(origin["resume"]) / "train_state.pt", weights_only=True)["config"]
+        start.append(f"`--init {origin['init']}` (steps count from there)" if origin.get("init") else "from scratch")
+        start = ", ".join(reversed(start))
         lines.append(f"  Last run: `--data {cfg['data']}`, {start}, lr {cfg['lr']:g} → {cfg['min_lr']:g}, "
                      f"batch {cfg['batch_size']} × {cfg['seq_len']} frames, decoder on 1/{cfg['amortization']} of the "
                      f"frames, `--code-noise {cfg.get('code_noise', 0.0):g}`, {run['train_seconds'] / 60:.0f} min.")
