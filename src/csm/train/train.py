@@ -471,6 +471,16 @@ def train(cfg: TrainConfig) -> list[dict]:
     else:
         n_train = model.num_parameters()
     module = wrap(model, cfg, d, device)
+    if cfg.eval_only:  # before the optimizer: nothing of it (or of its saved state) is needed
+        if not eval_batches:
+            raise ValueError("--eval-only needs held-out data: --eval-data or --eval-fraction > 0")
+        record = {"step": state["step"] if state else 0, "checkpoint": str(resume_dir or cfg.init or "random init"),
+                  **evaluate(module, eval_corpus, eval_batches, cfg, d, device)}
+        if d.main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "eval.json").write_text(json.dumps(record, indent=1) + "\n")
+            print(json.dumps(record), flush=True)
+        return [record]
     params = [p for p in module.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # no decay on norms
@@ -502,16 +512,6 @@ def train(cfg: TrainConfig) -> list[dict]:
               f"frames skipped); {n_batches} batches per epoch; {d.world} process(es) on {device}, "
               f"{'bf16 autocast' if bf16 else 'float32'}"
               + (f"; resuming at step {step} from {resume_dir}" if resume_dir else ""), flush=True)
-
-    if cfg.eval_only:
-        if not eval_batches:
-            raise ValueError("--eval-only needs held-out data: --eval-data or --eval-fraction > 0")
-        record = {"step": step, "checkpoint": str(resume_dir or cfg.init or "random init"),
-                  **evaluate(module, eval_corpus, eval_batches, cfg, d, device)}
-        if d.main:
-            (out / "eval.json").write_text(json.dumps(record, indent=1) + "\n")
-            print(json.dumps(record), flush=True)
-        return [record]
 
     records: list[dict] = []
     watch = Watch(out, cfg.steps, step, "train", cfg.progress, cfg.tensorboard, enabled=d.main)
