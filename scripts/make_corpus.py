@@ -585,6 +585,11 @@ def _work(job: tuple[str, dict, float, dict]) -> tuple[str, float, str | None]:
         return path, 0.0, f"{type(e).__name__}: {e}"
 
 
+def settings_differ(a: dict, b: dict) -> list[str]:
+    """The corpus settings (corpus.json keys) in which two corpora differ."""
+    return sorted(k for k in {*a, *b} if a.get(k) != b.get(k))
+
+
 def reuse_clips(old: Path, out: Path, settings: dict, utts: list[Utterance]) -> int:
     """Hard-link (or copy) from corpus `old` the clips whose speaker has the same voice in both corpora; the two
     must agree on every other setting, so that the same file name holds the same line. -> clips linked."""
@@ -592,7 +597,7 @@ def reuse_clips(old: Path, out: Path, settings: dict, utts: list[Utterance]) -> 
         before = json.loads((old / "corpus.json").read_text())
     except (OSError, ValueError) as e:
         raise SystemExit(f"make_corpus: --reuse {old}: no readable corpus.json ({e})") from None
-    differ = sorted(k for k in {*before, *settings} - {"voices"} if before.get(k) != settings.get(k))
+    differ = [k for k in settings_differ(before, settings) if k != "voices"]
     if differ:
         raise SystemExit(f"make_corpus: --reuse {old} was made with other settings ({', '.join(differ)} differ)")
     same = {s for s, a, b in zip(settings["speakers"], settings["voices"], before["voices"]) if a == b}
@@ -712,8 +717,8 @@ def main(argv: list[str] | None = None) -> int:
     settings_path = out / "corpus.json"
     if settings_path.is_file():
         old = json.loads(settings_path.read_text())
-        if old != settings:
-            changed = sorted(k for k in settings if old.get(k) != settings[k])
+        changed = settings_differ(old, settings)
+        if changed:
             print(f"make_corpus: {out} was made with other settings ({', '.join(changed)} differ: see "
                   f"{settings_path}); use a new folder, or delete it to start over", file=sys.stderr)
             return 2

@@ -112,4 +112,3 @@ def test_reuse_links_the_clips_of_unchanged_voices(corpus, tmp_path):
         assert a.samefile(b) == (u.speaker == 0)  # joe's clips linked, speaker 3's made again with joetop
     with pytest.raises(SystemExit, match="seed"):  # another plan: the same file names would hold other lines
         corpus.main([str(tmp_path / "c"), *base, "--seed", "1", "--reuse", str(tmp_path / "a")])
-
