@@ -109,6 +109,29 @@ def test_decoder_only_finetune_keeps_codes(trained, tmp_path):
         train_codec(tiny_cfg(tmp_path / "y", init=str(tmp_path)), clips=clips)
 
 
+def test_decoder_only_decodes_the_first_k_codebooks(trained, tmp_path):
+    """--decode-codebooks K: the fine-tune's audio is the decoding of the clip's first K codes (a voice's CSM
+    generates 8 of the codec's 16), not of all of them."""
+    out, _, evals = trained
+    mimi = load_mimi(out / "step-000040")
+    x = evals[0][None, None, : 8 * 1920]
+    codes = mimi.encode(x[0, 0])[None]
+    k = 1
+    model = CodecModel(mimi.cfg)
+    model.mimi.load_state_dict(mimi.state_dict())
+    with torch.no_grad():
+        got = model.forward_decoder_only(x, k)["recon"]
+        want = mimi.decode_latent(mimi.quantizer.decode(codes[:, :k]))
+        every = model.forward_decoder_only(x)["recon"]
+    # (a briefly trained tiny codec puts little in its later codebooks: the gap is small but 100x the noise)
+    assert (got - want).abs().max() < 1e-6 and (got - every).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="--decoder-only"):
+        train_codec(tiny_cfg(tmp_path / "x", decode_codebooks=k), clips=ClipSet(evals))
+    with pytest.raises(ValueError, match="codebooks"):
+        train_codec(tiny_cfg(tmp_path / "y", init=str(out / "step-000040"), decoder_only=True,
+                             decode_codebooks=mimi.cfg.num_codebooks + 1), clips=ClipSet(evals))
+
+
 @pytest.mark.parametrize("int8", [False, True])
 def test_init_from_packaged_codec(trained, tmp_path, int8):
     """--init also takes a packaged codec (save_mimi, float16 or int8 rows, codebooks without EMA statistics, as

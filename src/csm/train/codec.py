@@ -98,6 +98,7 @@ class CodecTrainConfig:
     resume: str | None = None  # a checkpoint directory, or "latest"
     init: str | None = None  # start from this codec's weights (a step-NNNNNN/ dir or a packaged codec): fresh optimizer
     decoder_only: bool = False  # train only the decoder side on frozen codes (needs --init or --resume)
+    decode_codebooks: int = 0  # decoder-only: decode from the first K codebooks, as a CSM of K codebooks does (0: all)
     # With --data a scripts/gta_codes.py folder (decoder-only): the clips' own codes and a CSM's ground-truth-aligned
     # draws, so that the decoder learns to turn what the CSM samples into the clip's audio (Tacotron 2's GTA trick).
     gta_share: float = 0.5  # probability that a crop decodes one of the CSM's draws instead of the clip's own codes
@@ -265,7 +266,7 @@ def training_step(model: CodecModel, wav: Tensor, cfg: CodecTrainConfig, step: i
     if codes is not None:
         out = model.forward_codes(codes)
     elif cfg.decoder_only:
-        out = model.forward_decoder_only(wav)
+        out = model.forward_decoder_only(wav, cfg.decode_codebooks or c.num_codebooks)
     else:
         g = _gen(cfg.seed, step, 1)
         drop = torch.rand(B, generator=g) < cfg.quantizer_dropout
@@ -309,6 +310,8 @@ def train_codec(cfg: CodecTrainConfig, *, clips: ClipSet | None = None, eval_cli
     if cfg.decoder_only and start_dir is None:
         raise ValueError("--decoder-only fine-tunes a trained codec: give --init DIR (or --resume)")
     from_codes = is_code_folder(cfg.data)
+    if cfg.decode_codebooks and not cfg.decoder_only:
+        raise ValueError("--decode-codebooks fine-tunes the decoder alone: add --decoder-only")
     if from_codes and not cfg.decoder_only:
         raise ValueError(f"{cfg.data} holds codes (scripts/gta_codes.py): they train the decoder alone, add "
                          "--decoder-only")
@@ -317,6 +320,8 @@ def train_codec(cfg: CodecTrainConfig, *, clips: ClipSet | None = None, eval_cli
     mimi_cfg = _model_config(cfg)
     if start_dir:
         mimi_cfg = _model_config(replace(cfg, model_config=str(start_dir / CONFIG_FILE)))
+    if not 0 <= cfg.decode_codebooks <= mimi_cfg.num_codebooks:
+        raise ValueError(f"--decode-codebooks {cfg.decode_codebooks}: this codec has {mimi_cfg.num_codebooks} codebooks")
     torch.manual_seed(cfg.seed)
     model = CodecModel(mimi_cfg)
     if start_dir:
@@ -497,6 +502,8 @@ HELP = {
     "gta_share": "when --data is a scripts/gta_codes.py folder: probability that a crop decodes one of the CSM's draws instead of the clip's codes",
     "decoder_only": "fine-tune only the decoder side (upsample, decoder transformer, SEANet decoder) on the frozen "
                     "codes of all codebooks: codes already prepared for a CSM stay valid",
+    "decode_codebooks": "with --decoder-only: decode from the first K codebooks only (the K a voice's CSM "
+                        "generates, e.g. 8), so the decoder learns the condition it is used in (0: all)",
     "adversarial": "add a multi-scale STFT discriminator (hinge) + feature matching",
     "threads": "torch CPU threads (0: torch's default)",
     "tensorboard": "write TensorBoard events to OUT/tb (losses, held-out scores, held-out clips and their decoding)",

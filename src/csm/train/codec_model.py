@@ -155,10 +155,10 @@ class CodecModel(nn.Module):
         for module in (m.encoder, m.encoder_transformer, m.downsample, m.quantizer):
             module.requires_grad_(False)
 
-    def forward_decoder_only(self, wav: Tensor) -> dict[str, Tensor]:
-        """The inference condition: frozen codes from all codebooks -> the trainable decoder side."""
+    def forward_decoder_only(self, wav: Tensor, num_codebooks: int | None = None) -> dict[str, Tensor]:
+        """The inference condition: frozen codes from the first `num_codebooks` (all) -> the trainable decoder side."""
         with torch.no_grad():
-            codes = self.mimi.quantizer.encode(self.mimi.encode_latent(wav))
+            codes = self.mimi.quantizer.encode(self.mimi.encode_latent(wav))[:, :num_codebooks]
         return self.forward_codes(codes)
 
     def forward_codes(self, codes: Tensor) -> dict[str, Tensor]:
