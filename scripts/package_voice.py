@@ -88,9 +88,25 @@ def codec_lines(codec: torch.nn.Module, checkpoint: Path) -> list[str]:
     lines = [f"- Codec: Mimi architecture, {sum(p.numel() for p in codec.parameters()) / 1e6:.1f} M parameters, "
              f"{cc.num_codebooks} codebooks × {cc.codebook_size} at {cc.frame_rate:g} Hz, {cc.sample_rate} Hz audio."]
     if last:
-        lines.append(f"  Trained {last['step']} steps ({last.get('train_minutes', 0):.1f} min); held-out "
-                     f"log-mel L1 {last['val_mel_l1']:.3f}.")
+        lines.append(f"  Trained {last['step']} steps ({last.get('train_minutes', 0):.1f} min){_codec_origin(checkpoint)};"
+                     f" held-out log-mel L1 {last['val_mel_l1']:.3f}.")
     return lines
+
+
+def _codec_origin(checkpoint: Path) -> str:
+    """Where a codec run started, from its saved config: a fine-tune names the codec (and that one's training) it
+    began from, so the card's steps and minutes are not mistaken for the whole training."""
+    state = checkpoint / "train_state.pt"
+    cfg = torch.load(state, map_location="cpu", weights_only=True).get("config", {}) if state.is_file() else {}
+    if not cfg.get("init"):
+        return ""
+    init = Path(cfg["init"])
+    what = "decoder side only" if cfg.get("decoder_only") else "all of it"
+    if cfg.get("decode_codebooks"):
+        what += f", decoding from the first {cfg['decode_codebooks']} codebooks"
+    before = _last(init, "val_mel_l1")
+    made = f", itself trained {before['step']} steps ({before.get('train_minutes', 0):.1f} min)" if before else ""
+    return f", fine-tuned ({what}) from `{init}`{made}"
 
 
 def scores_line(eval_json: str | None) -> str:

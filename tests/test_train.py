@@ -547,6 +547,12 @@ def test_package_voice_script(prepared, micro_config, tmp_path):
     new_dir = save_mimi(new_codec, tmp_path / "codec-run" / "step-000007")  # as csm train-codec lays out a run
     with open(tmp_path / "codec-run" / "log.jsonl", "w") as f:
         f.write(json.dumps({"step": 7, "train_minutes": 1.5, "val_mel_l1": 0.75}) + "\n")
+    # it is a decoder-only fine-tune (its saved config names the codec it began from, whose log says how it was made)
+    base = save_mimi(Mimi(preset("tiny")), tmp_path / "base-run" / "step-000040")
+    (tmp_path / "base-run" / "log.jsonl").write_text(json.dumps({"step": 40, "train_minutes": 9.0,
+                                                                 "val_mel_l1": 0.9}) + "\n")
+    torch.save({"config": {"init": str(base), "decoder_only": True, "decode_codebooks": 8}},
+               new_dir / "train_state.pt")
     scores["summary"].update(wer=0.25, rounds=[{"seed": 0, "wer": 0.2}, {"seed": 100, "wer": 0.3}])
     (tmp_path / "eval.json").write_text(json.dumps(scores))
     model_bytes = (out / "model.safetensors").read_bytes()
@@ -559,7 +565,8 @@ def test_package_voice_script(prepared, micro_config, tmp_path):
         if v.is_floating_point():
             torch.testing.assert_close(swapped[k], v.half().float())
     new_card = (out / "MODEL_CARD.md").read_text()
-    assert "  Trained 7 steps (1.5 min); held-out log-mel L1 0.750." in new_card
+    assert (f"  Trained 7 steps (1.5 min), fine-tuned (decoder side only, decoding from the first 8 codebooks) from "
+            f"`{base}`, itself trained 40 steps (9.0 min); held-out log-mel L1 0.750.") in new_card
     assert "\nA piper-weighted codec.\n\n## Scores" in new_card
     assert "WER per seed 20.0 / 30.0 %), pooled: WER 25.0 %" in new_card and "WER 50.0 %" not in new_card
     assert new_card.split("## Models")[0] == card.split("## Models")[0]  # data, speakers: untouched
