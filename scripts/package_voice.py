@@ -53,6 +53,13 @@ def _last(checkpoint: Path, key: str) -> dict:
     return next((r for r in reversed(rows) if key in r and r.get("step", 0) <= step), {})
 
 
+def _train_state(checkpoint: Path) -> dict:
+    """The run's saved train_state.pt (its config, step, minutes...), {} where the checkpoint has none (a packaged
+    model, or a codec saved by hand)."""
+    state = checkpoint / "train_state.pt"
+    return torch.load(state, map_location="cpu", weights_only=True) if state.is_file() else {}
+
+
 def read_corpora(folders: list[str]) -> list[tuple[Path, dict]]:
     """(folder, its corpus.json) for each make_corpus.py folder the voice was trained on."""
     return [(Path(c), json.loads((Path(c) / "corpus.json").read_text())) for c in folders]
@@ -96,8 +103,7 @@ def codec_lines(codec: torch.nn.Module, checkpoint: Path) -> list[str]:
 def _codec_origin(checkpoint: Path) -> str:
     """Where a codec run started, from its saved config: a fine-tune names the codec (and that one's training) it
     began from, so the card's steps and minutes are not mistaken for the whole training."""
-    state = checkpoint / "train_state.pt"
-    cfg = torch.load(state, map_location="cpu", weights_only=True).get("config", {}) if state.is_file() else {}
+    cfg = _train_state(checkpoint).get("config", {})
     if not cfg.get("init"):
         return ""
     init = Path(cfg["init"])
@@ -139,14 +145,13 @@ def model_lines(model: torch.nn.Module, checkpoint: Path) -> list[str]:
                      f"{train_last['loss']:.3f} (codebook 0 {train_last['c0_loss']:.3f}, decoder "
                      f"{train_last['decoder_loss']:.3f})" + (f", held-out loss {eval_last['eval_loss']:.3f}"
                                                              if eval_last else "") + ".")
-    state = checkpoint / "train_state.pt"
-    if state.is_file():
-        run = torch.load(state, weights_only=True)
+    run = _train_state(checkpoint)
+    if run:
         cfg = run["config"]
         start, origin = [], cfg
-        while origin.get("resume") and (Path(origin["resume"]) / "train_state.pt").is_file():  # a branch (cooldown)
+        while origin.get("resume") and (before := _train_state(Path(origin["resume"]))):  # a branch (cooldown)
             start.append(f"resumed from `{origin['resume']}`")
-            origin = torch.load(Path(origin["resume"]) / "train_state.pt", weights_only=True)["config"]
+            origin = before["config"]
         start.append(f"`--init {origin['init']}` (steps count from there)" if origin.get("init") else "from scratch")
         start = ", ".join(reversed(start))
         lines.append(f"  Last run: `--data {cfg['data']}`, {start}, lr {cfg['lr']:g} → {cfg['min_lr']:g}, "
