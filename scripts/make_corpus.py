@@ -13,7 +13,8 @@ Speakers (fixed, each a stable voice; `--speakers` picks a subset, e.g. `--speak
 Picked with resemblyzer and Whisper tiny.en among ~25 espeak voices/variants: every pair of speaker centroids is
 at most ~0.7 cosine apart (two halves of one speaker's clips: 0.97-0.99); Whisper tiny.en's WER is ~1-2 % on
 joe and joehigh and ~5-25 % on the espeak voices (robotic; en-us+Alicia, 58 %, was dropped). `--voice 2=joetop`
-gives a speaker a spare voice (joe x1.55), and `--reuse OLD` links the clips of the unchanged voices from a corpus
+gives a speaker a spare voice (joe x1.55; ussamg and stephg are speakers 1 and 4 slower and with pauses between
+words, which halve Whisper's errors on fortune sentences), and `--reuse OLD` links the clips of the unchanged voices from a corpus
 made with the same settings, so that only the new voice is synthesised.
 
 Text: short conversational lines (3-12 words) generated from templates and small word lists (names, places,
@@ -87,6 +88,11 @@ class Voice:
     speed: int = 165  # espeak -s words per minute
     shift: float = 1.0  # piper: resampling factor (pitch, formants; the tempo is kept via length_scale)
     description: str = ""
+    gap: int = 0  # espeak -g: a pause between words, in 10 ms units (Whisper hears espeak far better with one)
+
+    def settings(self) -> dict:
+        """Its fields for corpus.json; a zero gap is left out, so that corpora made before `gap` still resume."""
+        return {k: v for k, v in asdict(self).items() if k != "gap" or v}
 
 
 VOICES = [
@@ -105,6 +111,12 @@ UNSEEN_VOICES = {
 # audio, against 26 % for usfem) and at most 0.74 cosine (resemblyzer centroids) from each of the five above.
 SPARE_VOICES = {
     "joetop": Voice("joetop", "piper", shift=1.55, description="piper joe, pitch and formants x1.55 (+7.6 semitones)"),
+    # ussam and steph, slower and with a 30 ms pause between words: Whisper tiny.en mishears 9.6 / 10.6 % of the words
+    # of 40 held-out fortune sentences, against 20.8 / 18.9 % for the originals; the same voices to resemblyzer.
+    "ussamg": Voice("ussamg", "espeak", "en-us", pitch=35, speed=140, gap=3,
+                    description="espeak-ng en-us -p 35 -s 140 -g 3 (male)"),
+    "stephg": Voice("stephg", "espeak", "en-us+steph", pitch=50, speed=140, gap=3,
+                    description="espeak-ng en-us+steph -s 140 -g 3"),
 }
 
 
@@ -533,7 +545,7 @@ def synthesize(voice: Voice, text: str, speed: float, piper_noise: float):
         # formants go up by `shift`, and the longer phonemes above bring the tempo back.
         return np.concatenate(chunks), int(round(pv.config.sample_rate * voice.shift))
     cmd = ["espeak-ng", "-v", voice.voice, "-p", str(voice.pitch), "-s", str(round(voice.speed * speed)),
-           "--stdout", text]
+           *(["-g", str(voice.gap)] if voice.gap else []), "--stdout", text]
     res = subprocess.run(cmd, capture_output=True)
     if res.returncode != 0 or not res.stdout:
         raise RuntimeError(f"{' '.join(cmd)} failed: {res.stderr.decode(errors='replace').strip()}")
@@ -709,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     # Files are named by conversation/turn, so a rerun may only resume a corpus made with the same settings.
     settings = {"seed": args.seed, "speakers": speakers, "num_eval": args.num_eval, "piper_noise": args.piper_noise,
-                "voices": [asdict(voices[s]) for s in speakers]}
+                "voices": [voices[s].settings() for s in speakers]}
     if args.splice or exclude:  # only when used, so corpora made before these options still resume
         settings.update(splice=args.splice, excluded=sorted(exclude))
     if args.text != "grammar":
@@ -730,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_path.parent.mkdir(parents=True, exist_ok=True)
     eval_path.write_text("".join(t + "\n" for t in eval_sentences))
     (out / "speakers.json").write_text(json.dumps(
-        {str(s): asdict(voices[s]) for s in speakers}, indent=2) + "\n")
+        {str(s): voices[s].settings() for s in speakers}, indent=2) + "\n")
 
     heldout_all = [Utterance(f"heldout_all/{i:03d}_spk{s}.wav", text, s, -1, 0)
                    for s in speakers for i, text in enumerate(eval_sentences)] if args.heldout_all_speakers else []

@@ -1,6 +1,7 @@
 """scripts/make_corpus.py's text plan (no synthesis: that needs espeak-ng and piper)."""
 
 import importlib.util
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -97,6 +98,17 @@ def test_a_speaker_can_take_a_spare_voice(corpus, tmp_path):
     want = corpus.postprocess(*corpus.synthesize(corpus.SPARE_VOICES["joetop"], utts[0].text, utts[0].speed, 0.0))
     assert made.shape == want.shape and np.abs(made - want).max() < 1e-4  # 16-bit wav
     assert corpus.main(args) == 2  # resuming with the old voice: refused, the settings differ
+
+
+def test_word_gaps_are_a_setting_only_where_a_voice_has_them(corpus):
+    assert "gap" not in corpus.VOICES[1].settings()  # corpora made before word gaps existed still resume
+    assert corpus.SPARE_VOICES["ussamg"].settings()["gap"] == 3
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    text = "Nothing is so firmly believed as what we least know."
+    plain, sr = corpus.synthesize(corpus.VOICES[1], text, 1.0, 0.0)
+    gapped, sr2 = corpus.synthesize(corpus.SPARE_VOICES["ussamg"], text, 1.0, 0.0)
+    assert sr == sr2 and len(gapped) > 1.2 * len(plain)  # 140 against 155 words a minute (1.13x), and the gaps
 
 
 def test_reuse_links_the_clips_of_unchanged_voices(corpus, tmp_path):
