@@ -14,8 +14,8 @@ Picked with resemblyzer and Whisper tiny.en among ~25 espeak voices/variants: ev
 at most ~0.7 cosine apart (two halves of one speaker's clips: 0.97-0.99); Whisper tiny.en's WER is ~1-2 % on
 joe and joehigh and ~5-25 % on the espeak voices (robotic; en-us+Alicia, 58 %, was dropped). `--voice 2=joetop`
 gives a speaker a spare voice (joe x1.55; ussamg and stephg are speakers 1 and 4 slower and with pauses between
-words, which halve Whisper's errors on fortune sentences), and `--reuse OLD` links the clips of the unchanged voices from a corpus
-made with the same settings, so that only the new voice is synthesised.
+words, which halve Whisper's errors on fortune sentences), and `--reuse OLD` links the clips of the unchanged
+voices from a corpus made with the same settings, so that only the new voice is synthesised.
 
 Text: short conversational lines (3-12 words) generated from templates and small word lists (names, places,
 times, numbers as words, foods, objects, colours...), chosen for broad phonetic coverage with a small vocabulary.
@@ -111,8 +111,8 @@ UNSEEN_VOICES = {
 # audio, against 26 % for usfem) and at most 0.74 cosine (resemblyzer centroids) from each of the five above.
 SPARE_VOICES = {
     "joetop": Voice("joetop", "piper", shift=1.55, description="piper joe, pitch and formants x1.55 (+7.6 semitones)"),
-    # ussam and steph, slower and with a 30 ms pause between words: Whisper tiny.en mishears 9.6 / 10.6 % of the words
-    # of 40 held-out fortune sentences, against 20.8 / 18.9 % for the originals; the same voices to resemblyzer.
+    # ussam and steph, slower and with a 30 ms pause between words: Whisper tiny.en mishears 10.2 / 11.3 % of the
+    # words of the 120 held-out fortune sentences, against 19.6 / 19.8 % for the originals; the voices are the same.
     "ussamg": Voice("ussamg", "espeak", "en-us", pitch=35, speed=140, gap=3,
                     description="espeak-ng en-us -p 35 -s 140 -g 3 (male)"),
     "stephg": Voice("stephg", "espeak", "en-us+steph", pitch=50, speed=140, gap=3,

@@ -95,8 +95,8 @@ def codec_lines(codec: torch.nn.Module, checkpoint: Path) -> list[str]:
     lines = [f"- Codec: Mimi architecture, {sum(p.numel() for p in codec.parameters()) / 1e6:.1f} M parameters, "
              f"{cc.num_codebooks} codebooks × {cc.codebook_size} at {cc.frame_rate:g} Hz, {cc.sample_rate} Hz audio."]
     if last:
-        lines.append(f"  Trained {last['step']} steps ({last.get('train_minutes', 0):.1f} min){_codec_origin(checkpoint)};"
-                     f" held-out log-mel L1 {last['val_mel_l1']:.3f}.")
+        lines.append(f"  Trained {last['step']} steps ({last.get('train_minutes', 0):.1f} min)"
+                     f"{_codec_origin(checkpoint)}; held-out log-mel L1 {last['val_mel_l1']:.3f}.")
     return lines
 
 

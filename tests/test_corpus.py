@@ -1,4 +1,4 @@
-"""scripts/make_corpus.py's text plan (no synthesis: that needs espeak-ng and piper)."""
+"""scripts/make_corpus.py: its text plan, and its synthesis where espeak-ng and piper are installed."""
 
 import importlib.util
 import shutil
