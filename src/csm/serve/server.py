@@ -22,9 +22,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
-from ..audio import SPEED_RANGE, STREAM_FORMATS
+from ..audio import SPEED_RANGE
 from ..generate import FRAME_MS, Generator
 from .batcher import Batcher
+from .encode import STREAM_FORMATS
 from .service import MAX_BODY_BYTES, MAX_INPUT_CHARS, ApiError, SpeechJob, SpeechService, Voice
 
 

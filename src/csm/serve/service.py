@@ -24,10 +24,11 @@ from typing import Iterator
 
 import torch
 
-from ..audio import SPEED_RANGE, STREAM_FORMATS, AudioError, StreamEncoder, TimeStretch, load_audio
+from ..audio import SPEED_RANGE, AudioError, TimeStretch, load_audio
 from ..frames import Segment
 from ..generate import ContextTooLongError, Generator
 from .batcher import Batcher, Busy
+from .encode import STREAM_FORMATS, StreamEncoder
 
 # OpenAI's built-in voice names, given to the model's speaker ids in this order so that clients which hard-code
 # them work; a voices file (`csm serve --voices`) names voices of its own.
