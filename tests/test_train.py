@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -712,3 +713,42 @@ def test_package_a_phoneme_voice_in_int8(micro_config, tmp_path):
     gen = load_generator(out / "i8", codec=load_model_codec(out / "i8"))
     assert gen.tokenizer.phonemes == "en-us"
     assert gen.generate("Call me at 4:30.", speaker=0, seed=0, max_audio_length_ms=160).audio is not None
+
+
+def test_replay_mixes_base_data_into_each_epoch_and_names_the_new_speaker(prepared, tmp_path):
+    """--replay: the base's data fills replay_share of every epoch (drawn afresh, never held out), a killed run
+    resumes exactly, and a fine-tune on a new speaker id lists it in generation.json as the default speaker."""
+    from csm.tokenizer import TextTokenizer
+
+    root = tmp_path / "me"
+    root.mkdir()
+    rows = [dict(r, speaker=5) for r in _make_corpus(root, n_convs=4)]
+    _manifest(root / "manifest.jsonl", rows)
+    tok = TextTokenizer.from_file(prepared / "tokenizer.json")
+    D.prepare(root / "manifest.jsonl", root / "prep", FakeCodec(), tok, shard_size=5, progress=False)
+    torch.manual_seed(0)
+    save_checkpoint(CSM(MICRO), tmp_path / "base")
+    base_gen = {"speaker": 0, "speakers": {"0": "a", "1": "b"}}
+    (tmp_path / "base" / "generation.json").write_text(json.dumps(base_gen))
+
+    cfg = _cfg(root / "prep", tmp_path / "ft", init=str(tmp_path / "base"), replay=str(prepared), replay_share=0.6,
+               eval_fraction=0.3, steps=6, save_every=3, lora_rank=4, lora_alpha=8)
+    from csm.train.train import load_data
+
+    corpus, own, replay, eval_corpus, eval_batches = load_data(cfg, MICRO, 128, verbose=False)
+    assert eval_corpus is corpus and {corpus.sources[i] for i in own} == {0} and {corpus.sources[i] for i in replay} == {1}
+    held = {i for b in eval_batches for row in b for i in row}
+    assert held and held.isdisjoint(own) and held.isdisjoint(replay)
+    e0, e1 = (D.with_replay(own, replay, 0.6, 0, e) for e in (0, 1))
+    n = min(len(replay), round(len(own) * 0.6 / 0.4))
+    assert e0[: len(own)] == own and len(e0) == len(own) + n and set(e0[len(own):]) <= set(replay)
+    assert e0 == D.with_replay(own, replay, 0.6, 0, 0) and (e0 != e1 or n == len(replay))
+
+    full = train(cfg)
+    resumed = train(dataclasses.replace(cfg, out=str(tmp_path / "ft2"), resume=str(tmp_path / "ft" / "step-000003")))
+    assert [r["step"] for r in resumed if "loss" in r] == [4, 5, 6]
+    for r, ref in zip(resumed, [r for r in full if r["step"] > 3 and "loss" in r]):
+        assert r["loss"] == pytest.approx(ref["loss"], abs=1e-6, rel=0)
+    gen = json.loads((tmp_path / "ft" / "step-000006" / "generation.json").read_text())
+    assert gen["speakers"] == {"0": "a", "1": "b", "5": f"fine-tuned on {root / 'prep'}"} and gen["speaker"] == 5
+    assert json.loads((tmp_path / "base" / "generation.json").read_text()) == base_gen  # the base's file untouched

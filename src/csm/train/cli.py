@@ -60,9 +60,14 @@ HELP = {
     "tensorboard": "write TensorBoard events to OUT/tb: losses, learning rate, held-out loss, and with --listen the "
                    "lines spoken at each evaluation (tensorboard --logdir OUT)",
     "listen": "a text file of held-out lines: at each evaluation the model speaks the first --listen-lines of them "
-              "(speaker 0, seed 0) into TensorBoard, with Whisper's WER when faster-whisper is installed",
+              "(--listen-speaker, seed 0) into TensorBoard, with Whisper's WER when faster-whisper is installed",
     "listen_codec": "the codec that decodes the --listen lines (the one the data was prepared with)",
     "listen_lines": "how many --listen lines to speak at each evaluation",
+    "listen_speaker": "the speaker id the --listen lines are spoken as",
+    "replay": "fine-tuning: prepared data of the base model's own kind (its corpus, or any conversational speech; "
+              "several comma-separated) mixed into every epoch, so a fine-tune on minutes of one voice keeps "
+              "reading new text; give that voice its own speaker id (docs/finetune.md)",
+    "replay_share": "the share of each epoch's examples drawn (afresh each epoch) from --replay",
 }
 
 

@@ -34,7 +34,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -51,10 +50,11 @@ from .codec_data import ClipSet, CodeSet, audio_paths, is_code_folder
 from .codec_losses import (MultiScaleMelLoss, MultiScaleSTFTDiscriminator, ValMel, discriminator_loss,
                            generator_adv_losses, parse_mel_scales)
 from .codec_model import CodecModel
-from .train import checkpoint_dirs, find_resume_dir, lr_at
+from .rundir import LOG_FILE, STATE_FILE, begin_checkpoint, commit, find_resume_dir
+from .train import lr_at
 from .watch import Watch
 
-STATE_FILE, LOG_FILE, WEIGHTS_FILE, CONFIG_FILE = "train_state.pt", "log.jsonl", "model.safetensors", "config.json"
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 _EPS = 1e-5
 
 # Codec presets for training (the csm.mimi presets are accepted too). All keep Mimi's frame structure (24 kHz ->
@@ -172,9 +172,7 @@ def save_codec(model: CodecModel, path: str | os.PathLike) -> Path:
 def save_training_checkpoint(cfg: CodecTrainConfig, model: CodecModel, opt: torch.optim.Optimizer,
                              disc: nn.Module | None, disc_opt: torch.optim.Optimizer | None, step: int,
                              train_seconds: float = 0.0) -> Path:
-    final = Path(cfg.out) / f"step-{step:06d}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = begin_checkpoint(cfg.out, step)
     save_codec(model, tmp)
     state = {"step": step, "train_seconds": train_seconds, "optimizer": opt.state_dict(),
              "config": dataclasses.asdict(cfg)}
@@ -182,12 +180,7 @@ def save_training_checkpoint(cfg: CodecTrainConfig, model: CodecModel, opt: torc
         state["discriminator"] = disc.state_dict()
         state["disc_optimizer"] = disc_opt.state_dict()
     torch.save(state, tmp / STATE_FILE)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    if cfg.keep_checkpoints > 0:
-        for old in checkpoint_dirs(Path(cfg.out))[: -cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+    return commit(tmp, cfg.keep_checkpoints)
 
 
 def _model_config(cfg: CodecTrainConfig) -> MimiConfig:
@@ -299,7 +292,7 @@ def train_codec(cfg: CodecTrainConfig, *, clips: ClipSet | None = None, eval_cli
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
     out = Path(cfg.out)
-    resume_dir = find_resume_dir(cfg) if cfg.resume else None
+    resume_dir = find_resume_dir(cfg.resume, cfg.out) if cfg.resume else None
     state = torch.load(resume_dir / STATE_FILE, weights_only=True) if resume_dir else None
 
     if cfg.init and resume_dir:

@@ -275,6 +275,7 @@ class Corpus:
     examples: list[list[int]]  # utterance indices of each example (consecutive turns of one conversation)
     lengths: list[int]  # frames per example
     skipped: int  # utterances that do not fit seq_len on their own
+    sources: list[int]  # per example, the index of the directory it was read from
 
     def frames(self, example: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The example's frames, as csm.frames.conversation_frames makes them: tokens [S, K+1], mask [S, K+1]."""
@@ -297,6 +298,11 @@ def data_dirs(spec: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Pat
     if not dirs:
         raise ValueError("no prepared data directory given")
     return dirs
+
+
+def data_speakers(dirs: list[Path]) -> set[int]:
+    """The speaker ids of the utterances in these prepared directories."""
+    return {int(json.loads(line).get("speaker") or 0) for d in dirs for line in _lines(d / INDEX)}
 
 
 def shared_tokenizer(dirs: list[Path]) -> Path:
@@ -343,13 +349,15 @@ def load_corpus(
     """Read one or several prepared directories (see `data_dirs`) and cut their conversations into examples of at
     most `seq_len` frames. Several directories are one corpus; their conversation ids are kept apart."""
     dirs = data_dirs(data)
-    utts = []
+    utts, source = [], {}  # source: conversation -> index of its directory
     for k, d in enumerate(dirs):
-        utts += _read_utterances(d, num_codebooks, f"{k}/" if len(dirs) > 1 else "")
+        read = _read_utterances(d, num_codebooks, f"{k}/" if len(dirs) > 1 else "")
+        utts += read
+        source.update((u.conversation, k) for u in read)
     convs = defaultdict(list)
     for i, u in enumerate(utts):
         convs[u.conversation].append(i)
-    examples, lengths, skipped = [], [], 0
+    examples, lengths, sources, skipped = [], [], [], 0
     for conv in sorted(convs):  # sorted: the example list, hence the data order, does not depend on file order
         current, length = [], 0
         for i in sorted(convs[conv], key=lambda i: utts[i].turn):
@@ -360,25 +368,30 @@ def load_corpus(
             if length + n > seq_len and current:
                 examples.append(current)
                 lengths.append(length)
+                sources.append(source[conv])
                 current, length = [], 0
             current.append(i)
             length += n
         if current:
             examples.append(current)
             lengths.append(length)
+            sources.append(source[conv])
     if not examples:
         raise ValueError(f"{', '.join(map(str, dirs))}: no utterance fits in {seq_len} frames")
-    return Corpus(utts, examples, lengths, skipped)
+    return Corpus(utts, examples, lengths, skipped, sources)
 
 
-def split_examples(corpus: Corpus, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train, eval) example indices. Whole conversations go to one side, so no speaker turn leaks across."""
-    convs = sorted({corpus.utterances[ex[0]].conversation for ex in corpus.examples})
+def split_examples(corpus: Corpus, eval_fraction: float, seed: int, ids: list[int] | None = None
+                   ) -> tuple[list[int], list[int]]:
+    """(train, eval) example indices among `ids` (default: all). Whole conversations go to one side, so no
+    speaker turn leaks across."""
+    ids = range(len(corpus.examples)) if ids is None else ids
+    convs = sorted({corpus.utterances[corpus.examples[i][0]].conversation for i in ids})
     n_eval = min(len(convs) - 1, math.ceil(eval_fraction * len(convs))) if eval_fraction > 0 else 0
     perm = torch.randperm(len(convs), generator=torch.Generator().manual_seed(seed)).tolist()
     held = {convs[i] for i in perm[:n_eval]}
-    train = [i for i, ex in enumerate(corpus.examples) if corpus.utterances[ex[0]].conversation not in held]
-    evals = [i for i, ex in enumerate(corpus.examples) if corpus.utterances[ex[0]].conversation in held]
+    train = [i for i in ids if corpus.utterances[corpus.examples[i][0]].conversation not in held]
+    evals = [i for i in ids if corpus.utterances[corpus.examples[i][0]].conversation in held]
     return train, evals
 
 
@@ -419,6 +432,17 @@ def epoch_batches(
     order = [examples[i] for i in torch.randperm(len(examples), generator=g).tolist()]
     rows = pack(order, lengths, seq_len, pack_rows)
     return [rows[i : i + batch_size] for i in range(0, len(rows) - batch_size + 1, batch_size)]
+
+
+def with_replay(own: list[int], replay: list[int], share: float, seed: int, epoch: int) -> list[int]:
+    """One epoch's examples: all of `own` and, drawn afresh each epoch (seeded by seed and epoch, so a resume
+    sees the same), as many of `replay` as make up `share` of the whole. Replaying the base model's own data keeps
+    a fine-tune on minutes of audio from forgetting how to read new text."""
+    if not replay or share <= 0:
+        return own
+    n = min(len(replay), round(len(own) * share / (1 - share)))
+    g = torch.Generator().manual_seed(seed * 100_019 + epoch + 7)
+    return own + [replay[i] for i in torch.randperm(len(replay), generator=g)[:n].tolist()]
 
 
 @dataclass

@@ -33,14 +33,14 @@ from ..checkpoints import load_checkpoint, save_state_dict
 from ..config import CSMConfig, get_config
 from ..model import CSM
 from . import lora as lora_lib
+from .rundir import BEST, LOG_FILE, STATE_FILE, begin_checkpoint, carry_model_files, commit, find_resume_dir
 from .watch import Listener, Watch
 from .data import (
-    TOKENIZER, Batch, Corpus, audio_targets, collate, decoder_frames, data_dirs, epoch_batches, load_corpus,
-    noisy_codes, pack, shared_text_fraction, shared_tokenizer, split_examples,
+    TOKENIZER, Batch, Corpus, audio_targets, collate, data_dirs, decoder_frames, epoch_batches,
+    load_corpus, noisy_codes, pack, shared_text_fraction, shared_tokenizer, split_examples, with_replay,
 )
 
-STATE_FILE, ADAPTERS_FILE, LORA_FILE, LOG_FILE = "train_state.pt", "adapters.safetensors", "lora.json", "log.jsonl"
-BEST = "best"  # out/best: a link to the checkpoint with the lowest held-out loss (with --patience)
+ADAPTERS_FILE, LORA_FILE = "adapters.safetensors", "lora.json"
 
 
 @dataclass
@@ -55,6 +55,11 @@ class TrainConfig:
     # Data
     eval_data: str | None = None  # held-out prepared dir(s); default: eval_fraction of the conversations of data
     eval_fraction: float = 0.02
+    # Replay: prepared dirs of the base model's own kind of data (its corpus, or any conversational speech), mixed
+    # into every epoch as replay_share of the examples. A fine-tune on minutes of one voice otherwise forgets how to
+    # read new text before it has learnt the voice (docs/finetune.md). Give the voice its own speaker id.
+    replay: str | None = None
+    replay_share: float = 0.5
     seq_len: int = 0  # frames per row; 0: the backbone's max_seq_len
     batch_size: int = 8  # rows per micro-batch (per process)
     pack: bool = True  # several conversations per row (block-diagonal attention)
@@ -99,11 +104,12 @@ class TrainConfig:
     eval_only: bool = False  # only measure the held-out loss of init / resume, into out/eval.json
     progress: bool = True  # a progress bar on stderr
     tensorboard: bool = True  # TensorBoard events in out/tb
-    # At each evaluation, speak the first listen_lines lines of this text file (speaker 0, seed 0) through
+    # At each evaluation, speak the first listen_lines lines of this text file (listen_speaker, seed 0) through
     # listen_codec: TensorBoard gets the audio and, with faster-whisper installed (`csm[eval]`), Whisper's WER.
     listen: str | None = None
     listen_codec: str | None = None
     listen_lines: int = 3
+    listen_speaker: int = 0
 
 
 # --- the loss -----------------------------------------------------------------------------------------------------
@@ -253,9 +259,7 @@ def save_training_checkpoint(
         opt_state = optimizer.state_dict()
     if not d.main:
         return None
-    final = Path(cfg.out) / f"step-{state['step']:06d}"
-    tmp = final.with_name(final.name + ".tmp")  # written whole, then renamed: a crash never leaves half a checkpoint
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = begin_checkpoint(cfg.out, state["step"])
     if cfg.lora_rank:
         from safetensors.torch import save_file
 
@@ -270,58 +274,10 @@ def save_training_checkpoint(
     else:
         save_state_dict(model_cfg, sd, tmp)
     shutil.copy(tokenizer_file, tmp / TOKENIZER)
-    _carry_model_files(cfg.init, tmp)
+    carry_model_files(cfg.init, tmp, cfg.data)
     torch.save({**state, "world_size": d.world, "optimizer": opt_state, "config": dataclasses.asdict(cfg)},
                tmp / STATE_FILE)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    if cfg.keep_checkpoints > 0:
-        best = (Path(cfg.out) / BEST).resolve() if (Path(cfg.out) / BEST).exists() else None
-        for old in checkpoint_dirs(Path(cfg.out))[: -cfg.keep_checkpoints]:
-            if old.resolve() != best:  # the best checkpoint stays whatever its age
-                shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-# What makes a model directory speak beside its weights: a fine-tune of it speaks the same way (`csm say --model
-# runs/ft/step-N` finds its codec and defaults). Files are hard-linked where the file system allows.
-CARRIED = ("generation.json", "codec")
-
-
-def _carry_model_files(init: str | None, out: Path) -> None:
-    src = Path(init) if init else None
-    if src is None or not src.is_dir():
-        return
-    for name in CARRIED:
-        path = src / name
-        if path.is_dir():
-            shutil.copytree(path, out / name, copy_function=_link_or_copy, dirs_exist_ok=True)
-        elif path.is_file():
-            _link_or_copy(path, out / name)
-
-
-def _link_or_copy(src, dst) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def checkpoint_dirs(out: Path) -> list[Path]:
-    return sorted(p for p in out.glob("step-*") if (p / STATE_FILE).is_file() and not p.name.endswith(".tmp"))
-
-
-def find_resume_dir(cfg) -> Path:
-    """cfg.resume as a checkpoint directory, or for "latest" the newest complete one in cfg.out."""
-    if cfg.resume != "latest":
-        path = Path(cfg.resume)
-        if not (path / STATE_FILE).is_file():
-            raise FileNotFoundError(f"{path}: not a training checkpoint (no {STATE_FILE})")
-        return path
-    dirs = checkpoint_dirs(Path(cfg.out))
-    if not dirs:
-        raise FileNotFoundError(f"--resume latest: no checkpoint with {STATE_FILE} in {cfg.out}")
-    return dirs[-1]
+    return commit(tmp, cfg.keep_checkpoints)
 
 
 # --- evaluation ------------------------------------------------------------------------------------------------------
@@ -378,20 +334,28 @@ def _autocast(device: torch.device, bf16: bool):
 
 def load_data(
     cfg: TrainConfig, model_cfg: CSMConfig, seq_len: int, verbose: bool = True
-) -> tuple[Corpus, list[int], Corpus, list]:
-    """(train corpus, its training example ids, eval corpus, eval batches) checked against the model."""
+) -> tuple[Corpus, list[int], list[int], Corpus, list]:
+    """(train corpus, its training example ids, its replay example ids, eval corpus, eval batches) checked
+    against the model. Replay examples are never held out: the eval loss is the fine-tune's own data."""
     dirs = data_dirs(cfg.data)
-    corpus = load_corpus(dirs, seq_len, model_cfg.audio_num_codebooks)
+    replay_dirs = data_dirs(cfg.replay) if cfg.replay else []
+    if replay_dirs:
+        if not 0 < cfg.replay_share < 1:
+            raise ValueError(f"--replay-share must be in (0, 1), got {cfg.replay_share}")
+        shared_tokenizer(dirs + replay_dirs)
+    corpus = load_corpus(dirs + replay_dirs, seq_len, model_cfg.audio_num_codebooks)
     _check_vocab(corpus, model_cfg, cfg.data)
+    own = [i for i, k in enumerate(corpus.sources) if k < len(dirs)]
+    replay_ids = [i for i, k in enumerate(corpus.sources) if k >= len(dirs)]
     if cfg.eval_data:
         eval_dirs = data_dirs(cfg.eval_data)
         shared_tokenizer(dirs + eval_dirs)
         eval_corpus = load_corpus(eval_dirs, seq_len, model_cfg.audio_num_codebooks)
         _check_vocab(eval_corpus, model_cfg, cfg.eval_data)
-        train_ids, eval_ids = list(range(len(corpus.examples))), list(range(len(eval_corpus.examples)))
+        train_ids, eval_ids = own, list(range(len(eval_corpus.examples)))
     else:
         eval_corpus = corpus
-        train_ids, eval_ids = split_examples(corpus, cfg.eval_fraction, cfg.seed)
+        train_ids, eval_ids = split_examples(corpus, cfg.eval_fraction, cfg.seed, own)
     shared = shared_text_fraction(corpus, train_ids, eval_corpus, eval_ids) if eval_ids else 0.0
     if shared > 0.1 and verbose:
         print(f"warning: {100 * shared:.0f}% of the held-out utterances have a text (and speaker) that also occurs "
@@ -399,7 +363,7 @@ def load_data(
               "--eval-data with unseen sentences", flush=True)
     eval_rows = pack(eval_ids, eval_corpus.lengths, seq_len, cfg.pack)
     eval_batches = [eval_rows[i : i + cfg.batch_size] for i in range(0, len(eval_rows), cfg.batch_size)]
-    return corpus, train_ids, eval_corpus, eval_batches[: cfg.eval_batches]
+    return corpus, train_ids, replay_ids, eval_corpus, eval_batches[: cfg.eval_batches]
 
 
 def wrap(model: CSM, cfg: TrainConfig, d: Dist, device: torch.device) -> nn.Module:
@@ -434,7 +398,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     bf16 = uses_bf16(device, cfg.precision)  # checks the value before any work
     tokenizer_file = shared_tokenizer(data_dirs(cfg.data))
 
-    resume_dir = find_resume_dir(cfg) if cfg.resume else None
+    resume_dir = find_resume_dir(cfg.resume, cfg.out) if cfg.resume else None
     state = torch.load(resume_dir / STATE_FILE, weights_only=True) if resume_dir else None
     if state is not None and state["config"].get("lora_rank", 0) != cfg.lora_rank:
         raise ValueError(f"{resume_dir} was trained with --lora-rank {state['config'].get('lora_rank', 0)}; "
@@ -448,9 +412,14 @@ def train(cfg: TrainConfig) -> list[dict]:
     if seq_len > model_cfg.backbone.max_seq_len:
         raise ValueError(f"--seq-len {seq_len} exceeds the backbone's max_seq_len {model_cfg.backbone.max_seq_len}")
 
-    corpus, train_ids, eval_corpus, eval_batches = load_data(cfg, model_cfg, seq_len, d.main)
+    corpus, train_ids, replay_ids, eval_corpus, eval_batches = load_data(cfg, model_cfg, seq_len, d.main)
+
+    def batches_of(epoch: int) -> list[list[list[int]]]:
+        examples = with_replay(train_ids, replay_ids, cfg.replay_share, cfg.seed, epoch)
+        return epoch_batches(examples, corpus.lengths, seq_len, cfg.batch_size, cfg.seed, epoch, cfg.pack)
+
     per_step = d.world * cfg.grad_accum
-    n_batches = len(epoch_batches(train_ids, corpus.lengths, seq_len, cfg.batch_size, cfg.seed, 0, cfg.pack))
+    n_batches = len(batches_of(0))
     if n_batches < per_step:
         raise ValueError(
             f"an epoch holds {n_batches} batches of {cfg.batch_size} rows but one step needs {per_step} "
@@ -508,7 +477,9 @@ def train(cfg: TrainConfig) -> list[dict]:
         out.mkdir(parents=True, exist_ok=True)
         mode = f"LoRA r={cfg.lora_rank}" if cfg.lora_rank else "full"
         print(f"csm train: {model.num_parameters() / 1e6:.1f}M parameters ({n_train / 1e6:.2f}M trained, {mode}); "
-              f"{len(train_ids)} train examples, {sum(map(len, eval_batches))} eval rows ({corpus.skipped} utterances over {seq_len} "
+              f"{len(train_ids)} train examples"
+              + (f" (+{len(replay_ids)} to replay, {cfg.replay_share:.0%} of each epoch)" if replay_ids else "")
+              + f", {sum(map(len, eval_batches))} eval rows ({corpus.skipped} utterances over {seq_len} "
               f"frames skipped); {n_batches} batches per epoch; {d.world} process(es) on {device}, "
               f"{'bf16 autocast' if bf16 else 'float32'}"
               + (f"; resuming at step {step} from {resume_dir}" if resume_dir else ""), flush=True)
@@ -519,8 +490,9 @@ def train(cfg: TrainConfig) -> list[dict]:
     if cfg.listen and d.main:
         if not cfg.listen_codec:
             raise ValueError("--listen needs --listen-codec: the codec the data was prepared with")
-        listener = Listener(cfg.listen, cfg.listen_lines, cfg.listen_codec, tokenizer_file, cfg.init, device)
-    batches = epoch_batches(train_ids, corpus.lengths, seq_len, cfg.batch_size, cfg.seed, epoch, cfg.pack)
+        listener = Listener(cfg.listen, cfg.listen_lines, cfg.listen_codec, tokenizer_file, cfg.init, device,
+                            cfg.listen_speaker)
+    batches = batches_of(epoch)
     k = model_cfg.audio_num_codebooks
     window = {"loss": 0.0, "c0": 0.0, "dec": 0.0, "frames": 0, "steps": 0, "t": time.perf_counter()}
     last_saved = step if resume_dir else -1
@@ -531,7 +503,7 @@ def train(cfg: TrainConfig) -> list[dict]:
             if pos + per_step <= len(batches):
                 break
             epoch, pos = epoch + 1, 0
-            batches = epoch_batches(train_ids, corpus.lengths, seq_len, cfg.batch_size, cfg.seed, epoch, cfg.pack)
+            batches = batches_of(epoch)
         else:  # packing differs a little between shuffles; tiny data sets can come up short every time
             raise ValueError(f"the epochs hold fewer batches than one step needs ({per_step}): use more data")
         # All randomness is a function of (seed, step, rank): the data order and decoder frames through their own
@@ -634,9 +606,11 @@ def _log(out: Path, record: dict, watch: Watch) -> None:
 
 
 def _warn_if_data_order_changes(state: dict, cfg: TrainConfig, d: Dist) -> None:
-    saved = {**state["config"], "world_size": state.get("world_size", 1)}
+    defaults = dataclasses.asdict(TrainConfig(data="", out=""))  # for fields newer than the checkpoint
+    saved = {**defaults, **state["config"], "world_size": state.get("world_size", 1)}
     now = {**dataclasses.asdict(cfg), "world_size": d.world}
-    changed = [k for k in ("seed", "batch_size", "grad_accum", "seq_len", "pack", "world_size", "eval_fraction", "data")
+    changed = [k for k in ("seed", "batch_size", "grad_accum", "seq_len", "pack", "world_size", "eval_fraction", "data",
+                           "replay", "replay_share")
                if saved.get(k) != now[k]]
     if changed and d.main:
         print(f"warning: resuming with different {', '.join(changed)}: the data order will differ from the "

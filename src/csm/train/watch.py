@@ -127,13 +127,14 @@ class Listener:
     """Hear the model as it trains: held-out lines spoken at each evaluation, with Whisper's WER when it is there."""
 
     def __init__(self, lines_file: str, n_lines: int, codec: str, tokenizer_file: Path, init: str | None,
-                 device: torch.device) -> None:
+                 device: torch.device, speaker: int = 0) -> None:
         from ..evaluate import read_texts
         from ..generate import generation_defaults
         from ..mimi import load_mimi
         from ..tokenizer import TextTokenizer
 
         self.lines = read_texts(lines_file)[:n_lines]
+        self.speaker = speaker
         self.tokenizer = TextTokenizer.from_file(tokenizer_file)
         # Spoken as `csm say` speaks with the model being fine-tuned (`init`'s generation.json: top-k, temperature).
         defaults = generation_defaults(init) if init else {}
@@ -158,7 +159,7 @@ class Listener:
         gen.defaults.update(self.defaults)
         errors, words = 0.0, 0
         for i, line in enumerate(self.lines):
-            speech = gen.generate(line, speaker=0, seed=0, max_audio_length_ms=min(20_000, 1500 + 600 * len(line.split())))
+            speech = gen.generate(line, speaker=self.speaker, seed=0, max_audio_length_ms=min(20_000, 1500 + 600 * len(line.split())))
             wav = speech.audio.float().cpu()
             caption = line
             if self.transcriber is not None:
