@@ -347,7 +347,7 @@ def test_missing_evaluators_name_the_pip_command(monkeypatch):
         require_eval_deps(wer=True, speaker=False)
 
 
-def test_voice_clips_give_each_line_its_cosine_to_the_voice(tmp_path, monkeypatch):
+def test_voice_clips_give_each_line_its_cosine_to_the_voice(tmp_path, monkeypatch, capsys):
     """--voice-clips: the unit mean embedding of a voice's clips, and each scored line's cosine to it (a fine-tune
     is judged by this before and after). A stand-in encoder makes the arithmetic checkable."""
     import soundfile as sf
@@ -382,3 +382,18 @@ def test_voice_clips_give_each_line_its_cosine_to_the_voice(tmp_path, monkeypatc
     assert cos[0] > cos[1]  # the quieter line is nearer the voice
     assert report.summary()["cos_voice_mean"] == pytest.approx(np.mean(cos))
     assert "voice similarity" in report.table()
+    # --baseline: an earlier report of the same lines is printed beside this one and kept in --json as `before`.
+    before = tmp_path / "before.json"
+    before.write_text(json.dumps({"config": {"texts": str(tmp_path / "texts.txt")},
+                                  "summary": {"wer": None, "cos_voice_mean": 0.25}}))
+    argv = ["eval", "--wavs", str(lines), "--texts", str(tmp_path / "texts.txt"), "--no-wer", "--voice-clips",
+            str(voice), "--baseline", str(before), "--json", str(tmp_path / "after.json")]
+    args = p.parse_args(argv)
+    assert args.func(args) == 0
+    shown = capsys.readouterr().out.splitlines()
+    row = next(line for line in shown if line.startswith("cos to the voice clips"))
+    assert row.split()[-2:] == ["0.250", f"{np.mean(cos):.3f}"]
+    assert json.loads((tmp_path / "after.json").read_text())["before"]["cos_voice_mean"] == 0.25
+    other = p.parse_args([*argv[:4], str(voice / "v0.wav"), *argv[5:]])  # another --texts: refused before any work
+    with pytest.raises(ValueError, match="same lines"):
+        other.func(other)

@@ -545,16 +545,38 @@ def _generate(args, corpus: list[CorpusClip] | None, timings: dict):
     return items, wavs, speakers
 
 
+def compare(before: dict, after: dict) -> str:
+    """Two reports' headline numbers side by side: a fine-tune before and after, on the same lines."""
+    rows = [("WER", "wer", True), ("cos to the voice clips", "cos_voice_mean", False),
+            ("closer to its speaker", "speaker_closer_fraction", True), ("real-time factor", "rtf", False)]
+    lines = [f"{'compared with --baseline':24} {'before':>9} {'after':>9}"]
+    for name, key, percent in rows:
+        if before.get(key) is not None or after.get(key) is not None:
+            b, a = (("-" if x is None else f"{100 * x:.1f} %" if percent else f"{x:.3f}")
+                    for x in (before.get(key), after.get(key)))
+            lines.append(f"{name:24} {b:>9} {a:>9}")
+    return "\n".join(lines)
+
+
 def _eval(args: argparse.Namespace) -> int:
+    before = None
+    if args.baseline:  # read before the work, so a wrong path fails at once
+        before = json.loads(Path(args.baseline).read_text())
+        if before.get("config", {}).get("texts") != args.texts:
+            raise ValueError(f"{args.baseline} scored {before.get('config', {}).get('texts')}, not --texts "
+                             f"{args.texts}: compare reports of the same lines")
     try:
         report = run_eval(args)
     except EvalDependencyError as e:
         print(f"csm eval: error: {e}", file=sys.stderr)
         return 2
     print(report.table())
+    if before is not None:
+        print("\n" + compare(before["summary"], report.summary()))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        out = report.to_json() if before is None else {**report.to_json(), "before": before["summary"]}
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     if args.check:
         s = report.summary()
@@ -606,6 +628,9 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--no-wer", action="store_true", help="skip the WER (no Whisper)")
     s.add_argument("--no-speaker", action="store_true", help="skip speaker similarity (no resemblyzer)")
     s.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
+    s.add_argument("--baseline", default=None, metavar="JSON",
+                   help="an earlier --json report of the same --texts (e.g. the model before a fine-tune): print "
+                        "both side by side, and keep its summary in --json as `before`")
     s.add_argument("--check", action="store_true",
                    help=f"exit 1 when WER > {100 * WER_TARGET:.0f}%% or closer-to-A < {100 * SPEAKER_TARGET:.0f}%%")
     s.add_argument("-v", "--verbose", action="store_true", help="progress per generated line")
