@@ -85,3 +85,23 @@ def test_prepare_transcribes_first(recordings, tmp_path, capsys):
     assert "3 turns" in capsys.readouterr().err
     corpus = load_corpus(tmp_path / "prep", seq_len=512)
     assert len(corpus.utterances) == 3 and len(corpus.examples) == 1  # one recording, one conversation
+
+
+def test_a_taken_speaker_id_is_pointed_out(tmp_path, capsys):
+    """Recordings of a new voice prepared as a speaker the base already has would overwrite it: prepare says so and
+    names a free id; a free id, or a base that lists no speakers, says nothing."""
+    import json
+
+    from csm.train.cli import _warn_if_speaker_taken
+
+    (tmp_path / "generation.json").write_text(json.dumps({"speaker": 0, "speakers": {"0": "joe", "1": "amy"}}))
+    _warn_if_speaker_taken(str(tmp_path), 1)
+    err = capsys.readouterr().err
+    assert "speaker 1 is the base model's 'amy'" in err and "--speaker 2" in err
+    (tmp_path / "tokenizer.json").write_text("{}")
+    _warn_if_speaker_taken(str(tmp_path / "tokenizer.json"), 0)  # --tokenizer as a file: its folder is read
+    assert "speaker 0 is the base model's 'joe'" in capsys.readouterr().err
+    _warn_if_speaker_taken(str(tmp_path), 2)
+    (tmp_path / "generation.json").write_text(json.dumps({"speaker": 0}))
+    _warn_if_speaker_taken(str(tmp_path), 0)
+    assert capsys.readouterr().err == ""

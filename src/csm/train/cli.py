@@ -149,6 +149,7 @@ def _prepare(args: argparse.Namespace) -> int:
         if not clips:
             raise SystemExit("csm prepare: nothing usable was found in the recordings")
         args.input = str(out / "transcribed" / MANIFEST)
+        _warn_if_speaker_taken(args.tokenizer, args.speaker)
     if args.phonemes and (args.train_tokenizer or args.tokenizer):
         raise SystemExit("csm prepare: --phonemes builds its own tokenizer; drop --train-tokenizer / --tokenizer")
     if args.phonemes and (out / TOKENIZER).is_file():  # resuming: the symbols must not change under the shards
@@ -178,6 +179,21 @@ def _prepare(args: argparse.Namespace) -> int:
           f"{len(report.bad)} bad file(s) skipped" + (f" (listed in {out / 'errors.jsonl'})" if report.bad else ""),
           file=sys.stderr)
     return 0
+
+
+def _warn_if_speaker_taken(base: str | None, speaker: int) -> None:
+    """Recordings of a new voice prepared under a speaker id the base model already speaks as would overwrite it."""
+    from pathlib import Path
+
+    from ..generate import generation_defaults
+
+    if base is None or not Path(base).exists():
+        return
+    known = generation_defaults(Path(base) if Path(base).is_dir() else Path(base).parent).get("speakers") or {}
+    if speaker in known:
+        print(f"note: speaker {speaker} is the base model's {known[speaker]!r}: a fine-tune on it turns that speaker "
+              f"into this voice. --speaker {max(known) + 1} adds the voice as a new speaker instead "
+              f"(docs/finetune.md)", file=sys.stderr)
 
 
 def _plot(args: argparse.Namespace) -> int:
