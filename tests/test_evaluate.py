@@ -397,3 +397,11 @@ def test_voice_clips_give_each_line_its_cosine_to_the_voice(tmp_path, monkeypatc
     other = p.parse_args([*argv[:4], str(voice / "v0.wav"), *argv[5:]])  # another --texts: refused before any work
     with pytest.raises(ValueError, match="same lines"):
         other.func(other)
+    # Closer-to-A trials need two or more corpus speakers: with one, "closer than the others" could not fail.
+    for speakers, trials in (((0, 0), 0), ((0, 1), 2)):
+        (tmp_path / "corpus.jsonl").write_text("".join(
+            json.dumps({"audio": f"voice/v{k}.wav", "text": "x", "speaker": s}) + "\n" for k, s in enumerate(speakers)))
+        report = ev.run_eval(p.parse_args(["eval", "--wavs", str(lines), "--texts", str(tmp_path / "texts.txt"),
+                                           "--no-wer", "--corpus", str(tmp_path / "corpus.jsonl"),
+                                           "--refs-per-speaker", "1"]))
+        assert report.summary()["speaker_trials"] == trials

@@ -271,7 +271,7 @@ class Report:
                          f"(target >= {100 * SPEAKER_TARGET:.0f} %{', met' if s['speaker_ok'] else ', MISSED'}); "
                          f"mean cos to A {s['cos_target_mean']:.3f}, to best other {s['cos_best_other_mean']:.3f}")
         else:
-            lines.append("speaker similarity   not measured (needs --corpus and speaker ids)")
+            lines.append("speaker similarity   not measured (needs --corpus with two or more speakers)")
         if s["cos_voice_mean"] is not None:
             lines.append(f"voice similarity     mean cos {s['cos_voice_mean']:.3f} to the --voice-clips centroid")
         if len(s["per_speaker"]) > 1:
@@ -405,8 +405,8 @@ def run_eval(args: argparse.Namespace) -> Report:
         encoder = SpeakerEncoder()
     timings["evaluators_load_s"] = round(time.perf_counter() - t0, 2)
     matrix = {}
-    if encoder is not None and corpus is not None:
-        all_speakers = sorted({c.speaker for c in corpus})
+    all_speakers = sorted({c.speaker for c in corpus}) if corpus is not None else []
+    if encoder is not None and len(all_speakers) > 1:  # with one speaker "closer than the others" cannot fail
         refs, _ = choose_clips(corpus, all_speakers, args.refs_per_speaker, 0, args.seed)
         if args.wavs is None:  # never use a context clip as a reference
             used = {i.context for i in items}
