@@ -736,7 +736,8 @@ def test_replay_mixes_base_data_into_each_epoch_and_names_the_new_speaker(prepar
     from csm.train.train import load_data
 
     corpus, own, replay, eval_corpus, eval_batches = load_data(cfg, MICRO, 128, verbose=False)
-    assert eval_corpus is corpus and {corpus.sources[i] for i in own} == {0} and {corpus.sources[i] for i in replay} == {1}
+    assert eval_corpus is corpus
+    assert {corpus.sources[i] for i in own} == {0} and {corpus.sources[i] for i in replay} == {1}
     held = {i for b in eval_batches for row in b for i in row}
     assert held and held.isdisjoint(own) and held.isdisjoint(replay)
     e0, e1 = (D.with_replay(own, replay, 0.6, 0, e) for e in (0, 1))

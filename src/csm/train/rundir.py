@@ -73,7 +73,8 @@ def carry_model_files(init: str | None, out: Path, data: str) -> None:
     gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
     if gen.get("speakers") is None:
         return
-    new = {str(s): f"fine-tuned on {data}" for s in sorted(data_speakers(data_dirs(data))) if str(s) not in gen["speakers"]}
+    ids = sorted(data_speakers(data_dirs(data)))
+    new = {str(s): f"fine-tuned on {data}" for s in ids if str(s) not in gen["speakers"]}
     if new:
         gen["speakers"] = {**gen["speakers"], **new}
         if len(new) == 1:  # the one voice fine-tuned in is what `csm say --model OUT` speaks by default

@@ -159,7 +159,8 @@ class Listener:
         gen.defaults.update(self.defaults)
         errors, words = 0.0, 0
         for i, line in enumerate(self.lines):
-            speech = gen.generate(line, speaker=self.speaker, seed=0, max_audio_length_ms=min(20_000, 1500 + 600 * len(line.split())))
+            speech = gen.generate(line, speaker=self.speaker, seed=0,
+                                  max_audio_length_ms=min(20_000, 1500 + 600 * len(line.split())))
             wav = speech.audio.float().cpu()
             caption = line
             if self.transcriber is not None:
