@@ -96,7 +96,6 @@ def save_audio(path: str | os.PathLike, wav: torch.Tensor | np.ndarray, sample_r
         raise AudioError(f"{path}: could not write audio ({type(e).__name__}: {e})") from e
 
 
-# The formats StreamEncoder writes (OpenAI's names): soundfile (format, subtype) and the HTTP content type.
 SPEED_RANGE = (0.25, 4.0)  # OpenAI's bounds on `speed`; the time-stretch's too
 
 

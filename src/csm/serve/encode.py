@@ -10,6 +10,7 @@ import torch
 
 from ..audio import AudioError, _samples
 
+# The formats StreamEncoder writes (OpenAI's names): soundfile (format, subtype) and the HTTP content type.
 STREAM_FORMATS = {
     "wav": (None, None, "audio/wav"),  # written by hand: a header with an open length, then 16-bit PCM
     "pcm": (None, None, "audio/pcm"),  # raw 16-bit little-endian mono, as OpenAI's "pcm"
